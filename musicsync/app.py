@@ -1,0 +1,230 @@
+"""The Quart-Trio application: pages, media, health and the per-client WebSocket nursery."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import trio
+from quart import Response, abort, jsonify, request, send_file, websocket
+from quart_trio import QuartTrio
+
+from . import __version__
+from .clock import ServerClock
+from .config import Settings
+from .demo import ensure_demo_tracks
+from .hub import (
+    CLOSE_BAD_ROOM,
+    CLOSE_HEARTBEAT,
+    CLOSE_POLICY,
+    CLOSE_SLOW,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_MANY,
+    Client,
+    Hub,
+)
+from .media import content_type_for, resolve_media_path
+from .outbox import PendingPong
+from .protocol import Ping, ProtocolError, decode_client
+from .ratelimit import RateLimiter, Verdict
+from .urls import is_valid_room_name, sanitize_display_name
+
+log = logging.getLogger(__name__)
+
+CLOSE_WRITE_TIMEOUT = 2.0  # seconds to send a close frame before giving up on it
+FALLBACK_PAGE = b"<!doctype html><title>musicsync</title><p>musicsync is running."
+
+
+def load_index_html() -> bytes:
+    """The client page: from the installed package, else from the source tree."""
+    try:
+        return resources.files("musicsync.static").joinpath("index.html").read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, OSError):
+        pass
+    source = Path(__file__).resolve().parent.parent / "static" / "index.html"
+    try:
+        return source.read_bytes()
+    except OSError:
+        return FALLBACK_PAGE
+
+
+def create_app(settings: Settings | None = None) -> QuartTrio:
+    settings = settings or Settings.from_env()
+    app = QuartTrio(__name__, static_folder=None)
+    app.config["MUSICSYNC"] = settings
+    index_html = load_index_html()
+    state: dict[str, Any] = {}
+
+    def hub() -> Hub:
+        h = state.get("hub")
+        if h is None:
+            raise RuntimeError("hub used before startup")
+        return h  # type: ignore[no-any-return]
+
+    @app.before_serving
+    async def startup() -> None:
+        logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        settings.media_dir.mkdir(parents=True, exist_ok=True)
+        if settings.demo_tracks:
+            await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)
+        state["hub"] = Hub(settings, ServerClock(trio.current_time), app.nursery)
+        app.extensions["musicsync_hub"] = state["hub"]
+
+    def page() -> Response:
+        return Response(
+            index_html,
+            content_type="text/html; charset=utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    @app.get("/")
+    async def index() -> Response:
+        return page()
+
+    @app.get("/r/<name>")
+    async def room_page(name: str) -> Response:
+        if not is_valid_room_name(name):
+            abort(404)
+        return page()
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        h = hub()
+        return jsonify(
+            status="ok",
+            version=__version__,
+            rooms=len(h.rooms),
+            connections=h.connection_count,
+            server_time=h.clock.now_ms(),
+        )
+
+    @app.get("/media/<path:subpath>")
+    async def media(subpath: str) -> Response:
+        path = resolve_media_path(settings.media_dir, subpath)
+        if path is None:
+            abort(404)
+        response = await send_file(path, mimetype=content_type_for(path), conditional=True)
+        response.headers["Accept-Ranges"] = "bytes"
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @app.websocket("/ws/<room_name>")
+    async def ws(room_name: str) -> None:
+        h = hub()
+        ip = websocket.remote_addr or "unknown"
+        if not is_valid_room_name(room_name):
+            await websocket.accept()
+            await websocket.close(CLOSE_BAD_ROOM, "bad room name")
+            return
+        if not h.admits(ip):
+            await websocket.accept()
+            await websocket.close(CLOSE_TOO_MANY, "too many connections from this address")
+            return
+        await websocket.accept()
+        client = h.new_client(ip)
+        name = sanitize_display_name(websocket.args.get("name"))
+        try:
+            h.join(room_name, client, name)
+            await serve_client(h, room_name, client)
+        finally:
+            h.leave(room_name, client)
+
+    return app
+
+
+async def serve_client(hub: Hub, room_name: str, client: Client) -> None:
+    """One nursery per client: reader, writer and heartbeat; any exit ends all three."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_then_cancel, nursery, _reader(hub, room_name, client))
+        nursery.start_soon(_run_then_cancel, nursery, _writer(hub, client))
+        nursery.start_soon(_run_then_cancel, nursery, _heartbeat(hub, client))
+
+
+async def _run_then_cancel(nursery: trio.Nursery, coro: Any) -> None:
+    try:
+        await coro
+    finally:
+        nursery.cancel_scope.cancel()
+
+
+async def _reader(hub: Hub, room_name: str, client: Client) -> None:
+    control = RateLimiter.for_control()
+    pings = RateLimiter.for_ping()
+    max_frame = hub.settings.max_frame_bytes
+    while True:
+        if client.close_code is not None:
+            # The writer flushes what is queued, sends the close frame and ends
+            # the nursery; stop reading so a flood meets back-pressure.
+            await trio.sleep_forever()
+        raw = await websocket.receive()
+        t1 = hub.clock.now_ms()
+        now = trio.current_time()
+        client.last_seen = now
+        hub.stats.messages_in += 1
+        if isinstance(raw, str) and len(raw) > max_frame:
+            hub.error(client, "too_large", f"frame larger than {max_frame} bytes")
+            client.fail(CLOSE_TOO_BIG, "frame too large")
+            continue
+        try:
+            msg = decode_client(raw)
+        except ProtocolError as exc:
+            if _limited(hub, client, control.check(now)):
+                continue
+            hub.error(client, exc.code, exc.message)
+            continue
+        if isinstance(msg, Ping):
+            if pings.check(now) is Verdict.ALLOW:
+                if msg.rtt is not None:
+                    hub.note_rtt(room_name, client, msg.rtt)
+                client.deliver_pong(msg.t0, t1)
+            continue
+        if _limited(hub, client, control.check(now)):
+            continue
+        hub.handle(room_name, client, msg)
+
+
+def _limited(hub: Hub, client: Client, verdict: Verdict) -> bool:
+    if verdict is Verdict.ALLOW:
+        return False
+    if verdict is Verdict.ABUSIVE:
+        hub.error(client, "rate_limited", "sustained flooding; disconnecting")
+        client.fail(CLOSE_POLICY, "flooding")
+    else:
+        hub.error(client, "rate_limited", "too many messages; slow down")
+    return True
+
+
+async def _writer(hub: Hub, client: Client) -> None:
+    while True:
+        item = client.outbox.pop()
+        if item is None:
+            if client.close_code is not None:
+                with trio.move_on_after(CLOSE_WRITE_TIMEOUT):
+                    await websocket.close(client.close_code, client.close_reason)
+                return
+            await client.wait_for_frames()
+            continue
+        frame = hub.encode_pong(item) if isinstance(item, PendingPong) else item
+        with trio.move_on_after(hub.settings.send_timeout) as scope:
+            await websocket.send(frame)
+        if scope.cancelled_caught:
+            client.fail(CLOSE_SLOW, "slow consumer")
+            log.info("dropping slow client %s", client.id)
+            return
+        hub.stats.messages_out += 1
+
+
+async def _heartbeat(hub: Hub, client: Client) -> None:
+    timeout = hub.settings.heartbeat_timeout
+    while True:
+        deadline = client.last_seen + timeout
+        if trio.current_time() >= deadline:
+            client.fail(CLOSE_HEARTBEAT, "heartbeat timeout")
+            # Let the writer flush and send the close frame; it ends the nursery.
+            await trio.sleep_forever()
+        await trio.sleep_until(deadline)
+
+
+app = create_app()

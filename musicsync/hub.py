@@ -1,0 +1,214 @@
+"""The trio edge of rooms: live clients, their outboxes, fan-out and room timers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .clock import ServerClock
+from .config import Settings
+from .outbox import Outbox, OutboxOverflow, PendingPong
+from .protocol import ClientMessage, encode, error_frame
+from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_HEARTBEAT = 4000
+CLOSE_SLOW = 4008
+CLOSE_BAD_ROOM = 4400
+CLOSE_TOO_MANY = 4429
+
+
+class Client:
+    """One connected participant as the edge sees it: outbox, doorbell, fate."""
+
+    def __init__(self, ip: str, outbox_max_frames: int) -> None:
+        self.id = secrets.token_urlsafe(8)
+        self.ip = ip
+        self.outbox = Outbox(outbox_max_frames)
+        self._bell_send, self._bell_recv = trio.open_memory_channel[None](1)
+        self.last_seen = trio.current_time()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def _ring(self) -> None:
+        try:
+            self._bell_send.send_nowait(None)
+        except trio.WouldBlock:
+            pass  # the writer is already due to wake up
+
+    def deliver(self, frame: str) -> None:
+        self._guarded(self.outbox.push, frame)
+
+    def deliver_state(self, frame: str) -> None:
+        self._guarded(self.outbox.push_state, frame)
+
+    def deliver_pong(self, t0: float, t1: float) -> None:
+        try:
+            self.outbox.push_pong(t0, t1)
+        except OutboxOverflow:
+            self.fail(CLOSE_SLOW, "slow consumer")
+        self._ring()
+
+    def _guarded(self, push: Any, frame: str) -> None:
+        if self.close_code is not None:
+            return
+        try:
+            push(frame)
+        except OutboxOverflow:
+            self.fail(CLOSE_SLOW, "slow consumer")
+        self._ring()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Ask the writer to close this connection once it has flushed."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self._ring()
+
+    async def wait_for_frames(self) -> None:
+        await self._bell_recv.receive()
+
+
+@dataclass
+class RoomEntry:
+    room: Room
+    clients: dict[str, Client] = field(default_factory=dict)
+    empty_since: float | None = None
+    bell: trio.Event = field(default_factory=trio.Event)
+
+    def wake(self) -> None:
+        self.bell.set()
+
+
+@dataclass
+class HubStats:
+    connections_total: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    closes: Counter[int] = field(default_factory=Counter)
+    coalesced_states: int = 0
+
+
+class Hub:
+    """All rooms of this process and the clients in them."""
+
+    def __init__(self, settings: Settings, clock: ServerClock, nursery: trio.Nursery) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._nursery = nursery
+        self.rooms: dict[str, RoomEntry] = {}
+        self.per_ip: Counter[str] = Counter()
+        self.stats = HubStats()
+
+    # -- queries -------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return sum(self.per_ip.values())
+
+    def admits(self, ip: str) -> bool:
+        return self.per_ip[ip] < self.settings.max_connections_per_ip
+
+    # -- membership ----------------------------------------------------------
+
+    def new_client(self, ip: str) -> Client:
+        self.per_ip[ip] += 1
+        self.stats.connections_total += 1
+        return Client(ip, self.settings.outbox_max_frames)
+
+    def join(self, room_name: str, client: Client, name: str) -> None:
+        entry = self.rooms.get(room_name)
+        if entry is None:
+            entry = RoomEntry(Room(room_name))
+            self.rooms[room_name] = entry
+            self._nursery.start_soon(self._room_timer, room_name, entry)
+            log.info("room %s created", room_name)
+        entry.clients[client.id] = client
+        entry.empty_since = None
+        self._apply(entry, entry.room.join(client.id, name, self.clock.now_ms()))
+
+    def leave(self, room_name: str, client: Client) -> None:
+        self.per_ip[client.ip] -= 1
+        if self.per_ip[client.ip] <= 0:
+            del self.per_ip[client.ip]
+        if client.close_code is not None:
+            self.stats.closes[client.close_code] += 1
+        entry = self.rooms.get(room_name)
+        if entry is None or client.id not in entry.clients:
+            return
+        del entry.clients[client.id]
+        self._apply(entry, entry.room.leave(client.id, self.clock.now_ms()))
+        if not entry.clients:
+            entry.empty_since = trio.current_time()
+            entry.wake()
+
+    def handle(self, room_name: str, client: Client, msg: ClientMessage) -> None:
+        entry = self.rooms[room_name]
+        self._apply(entry, entry.room.handle(client.id, msg, self.clock.now_ms()))
+
+    def note_rtt(self, room_name: str, client: Client, rtt_ms: float) -> None:
+        self.rooms[room_name].room.note_rtt(client.id, rtt_ms)
+
+    def error(self, client: Client, code: str, message: str) -> None:
+        self.stats.errors[code] += 1
+        client.deliver(error_frame(code, message))
+
+    # -- fan-out -------------------------------------------------------------
+
+    def _apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Reply):
+                target = entry.clients.get(effect.to)
+                if target is not None:
+                    target.deliver(encode(effect.kind, **effect.payload))
+            elif isinstance(effect, Error):
+                target = entry.clients.get(effect.to)
+                if target is not None:
+                    self.error(target, effect.code, effect.message)
+            elif isinstance(effect, BroadcastState):
+                frame = encode("state", room=effect.state)  # encoded once for everyone
+                for c in entry.clients.values():
+                    c.deliver_state(frame)
+            elif isinstance(effect, BroadcastPresence):
+                frame = encode("presence", **effect.delta)
+                for c in entry.clients.values():
+                    c.deliver(frame)
+        if entry.room.next_deadline() is not None:
+            entry.wake()
+
+    def encode_pong(self, pong: PendingPong) -> str:
+        return encode("pong", t0=pong.t0, t1=pong.t1, t2=self.clock.now_ms())
+
+    # -- timers --------------------------------------------------------------
+
+    async def _room_timer(self, room_name: str, entry: RoomEntry) -> None:
+        """Flush coalesced presence on time; forget the room once idle long enough."""
+        while True:
+            deadline_ms = entry.room.next_deadline()
+            deadline = trio.current_time() + (
+                (deadline_ms - self.clock.now_ms()) / 1000.0 if deadline_ms is not None else 1e9
+            )
+            if entry.empty_since is not None:
+                deadline = min(deadline, entry.empty_since + self.settings.room_idle_ttl)
+            with trio.move_on_at(deadline):
+                await entry.bell.wait()
+            entry.bell = trio.Event()
+            self._apply(entry, entry.room.poll(self.clock.now_ms()))
+            if (
+                entry.empty_since is not None
+                and trio.current_time() >= entry.empty_since + self.settings.room_idle_ttl
+            ):
+                if self.rooms.get(room_name) is entry:
+                    del self.rooms[room_name]
+                log.info("room %s forgotten after being idle", room_name)
+                return

@@ -1,0 +1,73 @@
+"""A client's pending outgoing frames: pongs first, newest state wins (sans-IO)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+
+class OutboxOverflow(Exception):
+    """More frames are waiting than the client is allowed to fall behind by."""
+
+
+@dataclass(frozen=True)
+class PendingPong:
+    t0: float
+    t1: float
+
+
+_STATE = object()  # marks where in the order the (coalesced) state frame goes
+
+
+class Outbox:
+    """Frames waiting for one client's writer.
+
+    * Pongs jump the queue: clock sync needs them answered at once.
+    * At most one ``state`` frame waits at a time; a newer one replaces its
+      text in place, so a slow client skips straight to the newest state.
+    * Everything else (welcome, presence, errors) keeps its order and counts
+      against ``max_frames``; past that, ``push`` raises OutboxOverflow.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        self.max_frames = max_frames
+        self._pongs: deque[PendingPong] = deque()
+        self._frames: deque[Any] = deque()
+        self._state: str | None = None
+        self.coalesced = 0
+
+    def __len__(self) -> int:
+        return len(self._pongs) + len(self._frames)
+
+    def push(self, frame: str) -> None:
+        if len(self._frames) >= self.max_frames:
+            raise OutboxOverflow(f"{len(self._frames)} frames waiting")
+        self._frames.append(frame)
+
+    def push_state(self, frame: str) -> None:
+        if self._state is not None:
+            self._state = frame
+            self.coalesced += 1
+            return
+        self.push(frame)
+        self._frames[-1] = _STATE
+        self._state = frame
+
+    def push_pong(self, t0: float, t1: float) -> None:
+        if len(self._pongs) >= self.max_frames:
+            raise OutboxOverflow("too many pongs waiting")
+        self._pongs.append(PendingPong(t0, t1))
+
+    def pop(self) -> str | PendingPong | None:
+        if self._pongs:
+            return self._pongs.popleft()
+        if not self._frames:
+            return None
+        item = self._frames.popleft()
+        if item is _STATE:
+            frame, self._state = self._state, None
+            assert frame is not None
+            return frame
+        assert isinstance(item, str)
+        return item

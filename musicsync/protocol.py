@@ -1,0 +1,204 @@
+"""The wire vocabulary: one frozen class per message, strict decoding, encoding (sans-IO).
+
+Decoding never raises anything but ``ProtocolError`` (code ``bad_message``); the
+caller answers with an ``error`` frame and keeps the connection open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Literal, Union
+
+MAX_FRAME_BYTES = 16 * 1024
+MAX_TITLE_LENGTH = 200
+MAX_ID_LENGTH = 64
+
+Role = Literal["host", "listener"]
+
+
+class ProtocolError(ValueError):
+    """A frame the server could not accept; ``code`` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- field kinds --------------------------------------------------------------
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError("bad_message", f"field {name!r} must be a number")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ProtocolError("bad_message", f"field {name!r} must be finite")
+    return result
+
+
+def _nonneg(value: Any, name: str) -> float:
+    result = _number(value, name)
+    if result < 0:
+        raise ProtocolError("bad_message", f"field {name!r} must be >= 0")
+    return result
+
+
+def _unit(value: Any, name: str) -> float:
+    result = _number(value, name)
+    if not 0.0 <= result <= 1.0:
+        raise ProtocolError("bad_message", f"field {name!r} must be between 0 and 1")
+    return result
+
+
+def _string(limit: int) -> Any:
+    def check(value: Any, name: str) -> str:
+        if not isinstance(value, str):
+            raise ProtocolError("bad_message", f"field {name!r} must be a string")
+        if len(value) > limit:
+            raise ProtocolError("bad_message", f"field {name!r} is longer than {limit}")
+        return value
+
+    return check
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError("bad_message", f"field {name!r} must be true or false")
+    return value
+
+
+def _optional(inner: Any) -> Any:
+    def check(value: Any, name: str) -> Any:
+        return None if value is None else inner(value, name)
+
+    return check
+
+
+def _f(kind: Any, default: Any = ...) -> Any:
+    """A dataclass field with a validator; ``default`` ... means required."""
+    if default is ...:
+        return field(metadata={"kind": kind})
+    return field(default=default, metadata={"kind": kind})
+
+
+# -- client -> server ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetTrack:
+    TYPE: ClassVar[str] = "set_track"
+    CONTROL: ClassVar[bool] = True
+    url: str = _f(_string(4096))
+    title: str | None = _f(_optional(_string(MAX_TITLE_LENGTH)), None)
+    duration: float | None = _f(_optional(_nonneg), None)
+    autoplay: bool = _f(_boolean, False)
+
+
+@dataclass(frozen=True)
+class Play:
+    TYPE: ClassVar[str] = "play"
+    CONTROL: ClassVar[bool] = True
+    position: float | None = _f(_optional(_nonneg), None)
+
+
+@dataclass(frozen=True)
+class Pause:
+    TYPE: ClassVar[str] = "pause"
+    CONTROL: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Seek:
+    TYPE: ClassVar[str] = "seek"
+    CONTROL: ClassVar[bool] = True
+    position: float = _f(_nonneg)
+
+
+@dataclass(frozen=True)
+class Volume:
+    TYPE: ClassVar[str] = "volume"
+    CONTROL: ClassVar[bool] = True
+    volume: float = _f(_unit)
+
+
+@dataclass(frozen=True)
+class ClaimHost:
+    TYPE: ClassVar[str] = "claim_host"
+    CONTROL: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class TransferHost:
+    TYPE: ClassVar[str] = "transfer_host"
+    CONTROL: ClassVar[bool] = True
+    to: str = _f(_string(MAX_ID_LENGTH))
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    CONTROL: ClassVar[bool] = False
+    t0: float = _f(_number)
+    rtt: float | None = _f(_optional(_nonneg), None)
+
+
+ClientMessage = Union[SetTrack, Play, Pause, Seek, Volume, ClaimHost, TransferHost, Ping]
+
+CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
+    cls.TYPE: cls for cls in (SetTrack, Play, Pause, Seek, Volume, ClaimHost, TransferHost, Ping)
+}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError("bad_message", f"{name} is not a valid JSON number")
+
+
+def decode_client(frame: str | bytes) -> ClientMessage:
+    """Parse one text frame into a client message, or raise ProtocolError."""
+    if isinstance(frame, bytes):
+        raise ProtocolError("binary_not_supported", "binary frames are not supported")
+    if len(frame) > MAX_FRAME_BYTES or len(frame.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"frame larger than {MAX_FRAME_BYTES} bytes")
+    try:
+        obj = json.loads(frame, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("bad_message", f"not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", "a frame must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "missing string field 'type'")
+    cls = CLIENT_MESSAGES.get(kind)
+    if cls is None:
+        raise ProtocolError("bad_message", f"unknown message type {kind[:40]!r}")
+    kwargs: dict[str, Any] = {}
+    known = {"type"}
+    for f in fields(cls):
+        known.add(f.name)
+        if f.name in obj:
+            kwargs[f.name] = f.metadata["kind"](obj[f.name], f.name)
+        elif f.default is MISSING:
+            raise ProtocolError("bad_message", f"{kind}: missing field {f.name!r}")
+    extra = set(obj) - known
+    if extra:
+        name = sorted(extra)[0][:40]
+        raise ProtocolError("bad_message", f"{kind}: unknown field {name!r}")
+    return cls(**kwargs)
+
+
+# -- server -> client ---------------------------------------------------------
+
+
+def encode(kind: str, **payload: Any) -> str:
+    """Encode one server frame. Compact separators: these go out to every client."""
+    payload["type"] = kind
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+
+
+def error_frame(code: str, message: str) -> str:
+    return encode("error", code=code, message=message)

@@ -1,0 +1,77 @@
+"""Validation of track URLs and room and display names (sans-IO)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from urllib.parse import unquote, urlsplit
+
+MAX_URL_LENGTH = 2048
+MAX_DISPLAY_NAME = 40
+AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".wav", ".m4a", ".flac", ".webm")
+MEDIA_PREFIX = "/media/"
+ROOM_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEFAULT_DISPLAY_NAME = "guest"
+
+
+class BadURL(ValueError):
+    """A track URL the server refuses; the message says why."""
+
+
+def is_valid_room_name(name: str) -> bool:
+    return ROOM_NAME_RE.fullmatch(name) is not None
+
+
+def validate_track_url(url: str) -> str:
+    """Return ``url`` unchanged if it is an acceptable track URL, else raise BadURL."""
+    if not url:
+        raise BadURL("empty URL")
+    if len(url) > MAX_URL_LENGTH:
+        raise BadURL(f"URL longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in url):
+        raise BadURL("URL contains whitespace or control characters")
+    if url.startswith("/"):
+        return _validate_media_path(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise BadURL(f"unparseable URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise BadURL("only http(s) URLs and /media/ paths are allowed")
+    if not parts.hostname:
+        raise BadURL("URL has no host")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise BadURL("URLs with credentials are not allowed")
+    _check_extension(parts.path)
+    return url
+
+
+def _validate_media_path(url: str) -> str:
+    if url.startswith("//"):
+        raise BadURL("protocol-relative URLs are not allowed")
+    parts = urlsplit(url)
+    if not parts.path.startswith(MEDIA_PREFIX):
+        raise BadURL("same-origin tracks must live under /media/")
+    decoded = unquote(parts.path)
+    segments = decoded.split("/")
+    if any(seg in ("..", ".") for seg in segments) or "\\" in decoded or "\x00" in decoded:
+        raise BadURL("path traversal is not allowed")
+    _check_extension(parts.path)
+    return url
+
+
+def _check_extension(path: str) -> None:
+    if not unquote(path).lower().endswith(AUDIO_EXTENSIONS):
+        allowed = " ".join(AUDIO_EXTENSIONS)
+        raise BadURL(f"track must end in one of: {allowed}")
+
+
+def sanitize_display_name(raw: str | None) -> str:
+    """Printable, single-line, trimmed, at most MAX_DISPLAY_NAME characters."""
+    if not raw:
+        return DEFAULT_DISPLAY_NAME
+    cleaned = "".join(
+        ch for ch in unicodedata.normalize("NFC", raw) if unicodedata.category(ch)[0] != "C"
+    )
+    cleaned = " ".join(cleaned.split())[:MAX_DISPLAY_NAME].strip()
+    return cleaned or DEFAULT_DISPLAY_NAME
