@@ -1,0 +1,89 @@
+"""Three real Chromium pages with skewed clocks behind a jittery proxy play together."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from .conftest import DelayProxy, probe, sample_round, wait_for
+from .sync_scenario import (
+    Phase,
+    find_host,
+    measure,
+    open_room,
+    seek,
+    set_track_and_play,
+    toggle_play,
+    wait_all_valid,
+    wait_clocks,
+)
+
+# Spread bounds (ms) asserted per engine: p95 and max over each steady phase.
+BOUNDS = {
+    "webaudio": {"p95": 5.0, "max": 10.0, "settle": 0.5},
+    "element": {"p95": 30.0, "max": 50.0, "settle": 3.0},
+}
+# Each page follows the room timeline, not only its peers (same machine: the
+# true clock stands in for the server clock).
+ABSOLUTE_MEDIAN_BOUND_MS = 30.0
+MEASURE_S = 4.0
+SEEK_TO_S = 40.0
+
+
+def wait_version_change(pages: list[Any], old: int, timeout: float = 5) -> None:
+    wait_for(lambda: all((probe(p) or {}).get("version", old) > old for p in pages), timeout, what="new state")
+
+
+def close_all(pages: list[Any]) -> None:
+    for page in pages:
+        page.context.close()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("engine", ["webaudio", "element"])
+def test_three_skewed_clients_stay_together(browser: Any, proxy: DelayProxy, engine: str) -> None:
+    bounds = BOUNDS[engine]
+    _, pages = open_room(browser, proxy, engine)
+    phases: list[Phase] = []
+    try:
+        wait_clocks(pages)
+        for page in pages:
+            assert probe(page)["engine"] == engine
+        host = find_host(pages)
+
+        set_track_and_play(host)
+        wait_all_valid(pages)
+        phases.append(measure(pages, MEASURE_S + bounds["settle"], Phase("play"), bounds["settle"]))
+
+        version = probe(host)["version"]
+        seek(host, SEEK_TO_S)
+        wait_version_change(pages, version)
+        wait_for(lambda: (r := sample_round(pages)) is not None and min(probe(p)["position"] for p in pages) >= SEEK_TO_S,
+                 10, what="playing after the seek")
+        phases.append(measure(pages, MEASURE_S + bounds["settle"], Phase("seek"), bounds["settle"]))
+
+        version = probe(host)["version"]
+        toggle_play(host)  # pause
+        wait_version_change(pages, version)
+        wait_for(lambda: not any((probe(p) or {}).get("valid") for p in pages), 5, what="all paused")
+        held = [probe(p)["room"]["position"] for p in pages]
+        assert len(set(held)) == 1
+        time.sleep(0.8)
+
+        toggle_play(host)  # resume
+        wait_all_valid(pages)
+        phases.append(measure(pages, MEASURE_S + bounds["settle"], Phase("resume"), bounds["settle"]))
+    finally:
+        close_all(pages)
+
+    report = {p.name: p.summary() for p in phases}
+    print(f"\n{engine}: " + "; ".join(
+        f"{name} n={s['n']} p50={s['p50']:.2f} p95={s['p95']:.2f} max={s['max']:.2f} |abs|p50={s['abs_p50']:.2f}"
+        for name, s in report.items()))
+    for name, s in report.items():
+        assert s["n"] >= 15, f"{name}: too few valid rounds ({s['n']})"
+        assert s["p95"] < bounds["p95"], f"{engine} {name}: p95 spread {s['p95']:.2f} ms"
+        assert s["max"] < bounds["max"], f"{engine} {name}: max spread {s['max']:.2f} ms"
+        assert s["abs_p50"] < ABSOLUTE_MEDIAN_BOUND_MS, f"{engine} {name}: off the timeline by {s['abs_p50']:.1f} ms"
