@@ -88,7 +88,7 @@ PROBE_JS = """
   document.dispatchEvent(new CustomEvent("musicsync:probe-request"));
   document.removeEventListener("musicsync:probe", take);
   const skewedNow = performance.now();
-  const trueNow = globalThis.__msTrueNow();
+  const trueNow = globalThis.__msTrueNow ? globalThis.__msTrueNow() : performance.timeOrigin + skewedNow;
   if (!detail) return null;
   return { ...detail, trueAt: trueNow - (skewedNow - detail.at) };
 }
@@ -421,12 +421,17 @@ def proxy(server: ServerProcess) -> Iterator[DelayProxy]:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+def playwright() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = launch_chromium(pw)
-        try:
-            yield b
-        finally:
-            b.close()
+        yield pw
+
+
+@pytest.fixture(scope="session")
+def browser(playwright: Any) -> Iterator[Any]:
+    b = launch_chromium(playwright)
+    try:
+        yield b
+    finally:
+        b.close()
