@@ -1,12 +1,12 @@
 """Inter-client sync benchmark in real Chromium (``just bench-sync``).
 
 The setup of ``tests/browser/test_sync.py``, for longer: three pages with clocks
-skewed by −2 s, 0 and +3.5 s join one room through a TCP proxy that adds a
-random 20–80 ms one-way delay. The host sets a track and plays; midway it seeks,
+skewed by -2 s, 0 and +3.5 s join one room through a TCP proxy that adds a
+random 20-80 ms one-way delay. The host sets a track and plays; midway it seeks,
 then pauses and resumes. Every ~100 ms the benchmark reads each page's output
 position (Web Audio: the source's schedule through ``getOutputTimestamp``; the
 element: ``currentTime``) against the true, unskewed clock and records the
-spread (max − min) between pages. Rounds within the settle time after each
+spread (max - min) between pages. Rounds within the settle time after each
 start/seek/resume are left out of the steady-state figures; how long it takes
 is reported as the convergence time of a fourth page joining mid-play.
 
@@ -83,7 +83,9 @@ def run_engine(browser: Any, proxy: DelayProxy, engine: str, seconds: float) -> 
         late = open_skewed_page(browser, room_url(proxy, room, engine, "late"), LATE_JOINER_SKEW_MS)
         pages.append(late)
         opened = time.monotonic() - t0
-        converge = convergence_time(pages, CONVERGED_MS[engine], CONVERGED_HOLD_S, CONVERGE_TIMEOUT_S)
+        converge = convergence_time(
+            pages, CONVERGED_MS[engine], CONVERGED_HOLD_S, CONVERGE_TIMEOUT_S
+        )
         converge_total = opened + converge
     finally:
         for page in pages:
@@ -110,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="proxy delay seed")
     args = parser.parse_args(argv)
 
-    from playwright.sync_api import sync_playwright
     import tempfile
+
+    from playwright.sync_api import sync_playwright
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,14 +132,29 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
 
-    header = f"{'engine':<10} {'rounds':>6} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'|abs| ms':>9} {'converge s':>11} {'goal p95':>9}"
+    columns = [
+        ("engine", "<10"),
+        ("rounds", ">6"),
+        ("p50 ms", ">8"),
+        ("p95 ms", ">8"),
+        ("max ms", ">8"),
+        ("|abs| ms", ">9"),
+        ("converge s", ">11"),
+        ("goal p95", ">9"),
+    ]
+    header = " ".join(f"{name:{fmt}}" for name, fmt in columns)
     print(header)
     print("-" * len(header))
     for r in results:
         goal = f"<{r['goal_p95_ms']:g} {'ok' if r['goal_met'] else 'MISS'}"
-        print(f"{r['engine']:<10} {r['rounds']:>6} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['max_ms']:>8.2f} "
-              f"{r['abs_err_p50_ms']:>9.2f} {r['converge_s']:>11.2f} {goal:>9}")
-    print(json.dumps({"benchmark": "sync", "seconds": args.seconds, "results": results}), flush=True)
+        print(
+            f"{r['engine']:<10} {r['rounds']:>6} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
+            f"{r['max_ms']:>8.2f} "
+            f"{r['abs_err_p50_ms']:>9.2f} {r['converge_s']:>11.2f} {goal:>9}"
+        )
+    print(
+        json.dumps({"benchmark": "sync", "seconds": args.seconds, "results": results}), flush=True
+    )
     return 0 if all(r["goal_met"] for r in results) else 1
 
 

@@ -3,7 +3,7 @@
 * ``server`` runs ``python -m musicsync serve --port 0`` in a subprocess with a
   temporary media directory holding a generated test track.
 * ``DelayProxy`` is a TCP proxy on trio (in a thread) that delays every chunk, in
-  each direction, by a random 20–80 ms while keeping the byte order.
+  each direction, by a random 20-80 ms while keeping the byte order.
 * ``skewed_page`` opens a page in its own browser context whose clocks
   (``performance.now``, ``performance.timeOrigin``, ``Date.now`` and the
   ``performanceTime`` of ``AudioContext.getOutputTimestamp``) are shifted by a
@@ -15,6 +15,7 @@ The helpers here are shared with ``benchmarks/bench_sync.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -88,7 +89,8 @@ PROBE_JS = """
   document.dispatchEvent(new CustomEvent("musicsync:probe-request"));
   document.removeEventListener("musicsync:probe", take);
   const skewedNow = performance.now();
-  const trueNow = globalThis.__msTrueNow ? globalThis.__msTrueNow() : performance.timeOrigin + skewedNow;
+  const trueNow = globalThis.__msTrueNow
+    ? globalThis.__msTrueNow() : performance.timeOrigin + skewedNow;
   if (!detail) return null;
   return { ...detail, trueAt: trueNow - (skewedNow - detail.at) };
 }
@@ -270,7 +272,9 @@ class DelayProxy:
                         data = await src.receive_some(PROXY_CHUNK)
                         if not data:
                             break
-                        due = max(trio.current_time() + self.random.uniform(lo, hi) / 1000, last_due)
+                        due = max(
+                            trio.current_time() + self.random.uniform(lo, hi) / 1000, last_due
+                        )
                         last_due = due
                         await send.send((due, data))
                 await trio.sleep_until(last_due + 0.001)
@@ -292,10 +296,8 @@ class DelayProxy:
 
     def stop(self) -> None:
         if self._token is not None and self._cancel is not None and self._thread.is_alive():
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
         self._thread.join(10)
 
 
@@ -315,7 +317,9 @@ def probe(page: Any) -> dict[str, Any] | None:
     return result
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -342,7 +346,7 @@ def host_page(pages: list[Any]) -> Any:
 
 @dataclass
 class Round:
-    """One sampling round: each page's (position − true time) in ms."""
+    """One sampling round: each page's (position - true time) in ms."""
 
     true_ms: float
     errors_ms: list[float]
@@ -362,7 +366,7 @@ def expected_position(room: dict[str, Any], server_ms: float) -> float:
 def sample_round(pages: list[Any]) -> Round | None:
     """Probe every page once. None unless all are playing with a valid reading.
 
-    Each page's reading is normalised to ``position − true_time`` so readings
+    Each page's reading is normalised to ``position - true_time`` so readings
     taken a few ms apart compare directly. ``absolute_ms`` compares with the
     room timeline using the true clock as the server clock (same machine).
     """

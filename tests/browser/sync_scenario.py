@@ -1,6 +1,6 @@
 """The multi-client scenario shared by the browser tests and the benchmark.
 
-Three pages (clock skews −2 s, 0, +3.5 s), each in its own browser context, join
+Three pages (clock skews -2 s, 0, +3.5 s), each in its own browser context, join
 one room through the delaying proxy. The host sets the track and plays; the
 scenario samples every page's output position against the true clock.
 """
@@ -55,7 +55,9 @@ def room_url(proxy: DelayProxy, room: str, engine: str, name: str) -> str:
     return f"{proxy.url}/r/{room}?engine={engine}&debug=1&name={name}"
 
 
-def open_room(browser: Any, proxy: DelayProxy, engine: str, skews: tuple[float, ...] = SKEWS_MS) -> tuple[str, list[Any]]:
+def open_room(
+    browser: Any, proxy: DelayProxy, engine: str, skews: tuple[float, ...] = SKEWS_MS
+) -> tuple[str, list[Any]]:
     room = f"t{uuid.uuid4().hex[:10]}"
     pages = [
         open_skewed_page(browser, room_url(proxy, room, engine, f"page{i}"), skew)
@@ -64,7 +66,9 @@ def open_room(browser: Any, proxy: DelayProxy, engine: str, skews: tuple[float, 
     return room, pages
 
 
-def wait_clocks(pages: list[Any], samples: int = CLOCK_SAMPLES_BEFORE_PLAY, timeout: float = 20) -> None:
+def wait_clocks(
+    pages: list[Any], samples: int = CLOCK_SAMPLES_BEFORE_PLAY, timeout: float = 20
+) -> None:
     def ready() -> bool:
         return all((p := probe(page)) and (p.get("clockSamples") or 0) >= samples for page in pages)
 
@@ -81,7 +85,9 @@ def set_track_and_play(host: Any, url: str = f"/media/{TRACK_NAME}") -> None:
 def seek(host: Any, position: float) -> None:
     host.evaluate(
         """(pos) => { const s = document.getElementById('seek');
-        s.value = String(pos); s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change')); }""",
+        s.value = String(pos);
+        s.dispatchEvent(new Event('input'));
+        s.dispatchEvent(new Event('change')); }""",
         position,
     )
 
@@ -106,7 +112,11 @@ def wait_all_valid(pages: list[Any], timeout: float = 10) -> None:
 
 
 def convergence_time(
-    pages: list[Any], bound_ms: float, hold_s: float, timeout: float, on_round: Callable[[Round], None] | None = None
+    pages: list[Any],
+    bound_ms: float,
+    hold_s: float,
+    timeout: float,
+    on_round: Callable[[Round], None] | None = None,
 ) -> float:
     """Seconds until the spread stays under ``bound_ms`` for ``hold_s``."""
     start = time.monotonic()

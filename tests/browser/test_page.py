@@ -18,14 +18,22 @@ from .conftest import (
     ServerProcess,
     open_skewed_page,
     probe,
-    sample_round,
     wait_for,
 )
-from .sync_scenario import find_host, measure, Phase, room_url, set_track_and_play, wait_all_valid, wait_clocks
+from .sync_scenario import (
+    Phase,
+    find_host,
+    measure,
+    room_url,
+    set_track_and_play,
+    wait_all_valid,
+    wait_clocks,
+)
 
 OVERFLOW_JS = """() => {
   const w = document.documentElement.clientWidth;
-  return [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > w + 0.5)
+  return [...document.querySelectorAll('body *')]
+    .filter((e) => e.getBoundingClientRect().right > w + 0.5)
     .map((e) => `${e.tagName}#${e.id}.${e.className}`).slice(0, 5);
 }"""
 VIEWPORTS = {"desktop": {"width": 1280, "height": 860}, "phone": {"width": 390, "height": 844}}
@@ -38,7 +46,9 @@ def screenshot_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.browser
-def test_host_and_listener_views_at_desktop_and_phone_widths(browser: Any, server: ServerProcess, tmp_path: Path) -> None:
+def test_host_and_listener_views_at_desktop_and_phone_widths(
+    browser: Any, server: ServerProcess, tmp_path: Path
+) -> None:
     room = f"s{uuid.uuid4().hex[:8]}"
     out = screenshot_dir(tmp_path)
     contexts = []
@@ -54,8 +64,19 @@ def test_host_and_listener_views_at_desktop_and_phone_widths(browser: Any, serve
         host, listener = pages["host"], pages["listener"]
         assert probe(host)["role"] == "host"
         set_track_and_play(host, f"/media/{TRACK_NAME}")
-        wait_for(lambda: listener.locator("#track-title").inner_text() != "Nothing playing", 5, what="title")
-        wait_for(lambda: listener.locator(".people li").count() == 2 and host.locator(".people li").count() == 2, 5, what="participants")
+        wait_for(
+            lambda: listener.locator("#track-title").inner_text() != "Nothing playing",
+            5,
+            what="title",
+        )
+        wait_for(
+            lambda: (
+                listener.locator(".people li").count() == 2
+                and host.locator(".people li").count() == 2
+            ),
+            5,
+            what="participants",
+        )
         # a name is text, never markup
         assert listener.locator(".people b").count() == 0
         assert "Grace <b>Hopper</b>" in host.locator("#people").inner_text()
@@ -75,7 +96,11 @@ def test_host_and_listener_views_at_desktop_and_phone_widths(browser: Any, serve
                 assert not overflow, f"{role} at {width_name} width overflows: {overflow}"
         # hand over the host role from the list
         host.locator("text=Make host").click()
-        wait_for(lambda: probe(listener)["role"] == "host" and probe(host)["role"] == "listener", 5, what="handover")
+        wait_for(
+            lambda: probe(listener)["role"] == "host" and probe(host)["role"] == "listener",
+            5,
+            what="handover",
+        )
         wait_for(lambda: listener.locator("#host-card").is_visible(), 5, what="new host controls")
     finally:
         for ctx in contexts:
@@ -129,8 +154,10 @@ def test_reconnect_and_reload_keep_the_room_together(browser: Any, proxy: DelayP
     """Cut every connection mid-play: pages keep playing, show it, reconnect, stay in sync.
     Then reload one page: it rejoins in sync."""
     room = f"r{uuid.uuid4().hex[:8]}"
-    pages = [open_skewed_page(browser, room_url(proxy, room, "webaudio", f"p{i}"), skew)
-             for i, skew in enumerate((-1500.0, 2500.0))]
+    pages = [
+        open_skewed_page(browser, room_url(proxy, room, "webaudio", f"p{i}"), skew)
+        for i, skew in enumerate((-1500.0, 2500.0))
+    ]
     try:
         wait_clocks(pages)
         host = find_host(pages)
@@ -138,14 +165,29 @@ def test_reconnect_and_reload_keep_the_room_together(browser: Any, proxy: DelayP
         wait_all_valid(pages)
         before = measure(pages, 2.0, Phase("before"), 0.5)
         proxy.drop_all()
-        wait_for(lambda: all((probe(p) or {}).get("connection") != "open" for p in pages), 5, what="disconnect seen")
-        assert "Offline" in pages[0].locator("#conn-text").inner_text() or "Reconnecting" in pages[0].locator("#conn-text").inner_text()
+        wait_for(
+            lambda: all((probe(p) or {}).get("connection") != "open" for p in pages),
+            5,
+            what="disconnect seen",
+        )
+        assert (
+            "Offline" in pages[0].locator("#conn-text").inner_text()
+            or "Reconnecting" in pages[0].locator("#conn-text").inner_text()
+        )
         offline = measure(pages, 1.0, Phase("offline"))
         assert offline.rounds, "pages stopped playing while disconnected"
-        wait_for(lambda: all((probe(p) or {}).get("connection") == "open" for p in pages), 20, what="reconnected")
+        wait_for(
+            lambda: all((probe(p) or {}).get("connection") == "open" for p in pages),
+            20,
+            what="reconnected",
+        )
         after = measure(pages, 2.0, Phase("after"), 0.5)
         pages[1].reload()
-        wait_for(lambda: (probe(pages[1]) or {}).get("clockSamples", 0) >= 40, 20, what="reloaded page synced")
+        wait_for(
+            lambda: (probe(pages[1]) or {}).get("clockSamples", 0) >= 40,
+            20,
+            what="reloaded page synced",
+        )
         wait_all_valid(pages)
         reloaded = measure(pages, 3.0, Phase("reload"), 1.0)
     finally:

@@ -33,7 +33,11 @@ SEEK_TO_S = 40.0
 
 
 def wait_version_change(pages: list[Any], old: int, timeout: float = 5) -> None:
-    wait_for(lambda: all((probe(p) or {}).get("version", old) > old for p in pages), timeout, what="new state")
+    wait_for(
+        lambda: all((probe(p) or {}).get("version", old) > old for p in pages),
+        timeout,
+        what="new state",
+    )
 
 
 def close_all(pages: list[Any]) -> None:
@@ -60,30 +64,41 @@ def test_three_skewed_clients_stay_together(browser: Any, proxy: DelayProxy, eng
         version = probe(host)["version"]
         seek(host, SEEK_TO_S)
         wait_version_change(pages, version)
-        wait_for(lambda: (r := sample_round(pages)) is not None and min(probe(p)["position"] for p in pages) >= SEEK_TO_S,
-                 10, what="playing after the seek")
+        wait_for(
+            lambda: (
+                sample_round(pages) is not None
+                and min(probe(p)["position"] for p in pages) >= SEEK_TO_S
+            ),
+            10,
+            what="playing after the seek",
+        )
         phases.append(measure(pages, MEASURE_S + bounds["settle"], Phase("seek"), bounds["settle"]))
 
         version = probe(host)["version"]
         toggle_play(host)  # pause
         wait_version_change(pages, version)
-        wait_for(lambda: not any((probe(p) or {}).get("valid") for p in pages), 5, what="all paused")
+        wait_for(
+            lambda: not any((probe(p) or {}).get("valid") for p in pages), 5, what="all paused"
+        )
         held = [probe(p)["room"]["position"] for p in pages]
         assert len(set(held)) == 1
         time.sleep(0.8)
 
         toggle_play(host)  # resume
         wait_all_valid(pages)
-        phases.append(measure(pages, MEASURE_S + bounds["settle"], Phase("resume"), bounds["settle"]))
+        phases.append(
+            measure(pages, MEASURE_S + bounds["settle"], Phase("resume"), bounds["settle"])
+        )
     finally:
         close_all(pages)
 
     report = {p.name: p.summary() for p in phases}
-    print(f"\n{engine}: " + "; ".join(
-        f"{name} n={s['n']} p50={s['p50']:.2f} p95={s['p95']:.2f} max={s['max']:.2f} |abs|p50={s['abs_p50']:.2f}"
-        for name, s in report.items()))
+    for name, s in report.items():
+        print(f"\n{engine} {name}: " + " ".join(f"{k}={v:.2f}" for k, v in s.items()))
     for name, s in report.items():
         assert s["n"] >= 15, f"{name}: too few valid rounds ({s['n']})"
         assert s["p95"] < bounds["p95"], f"{engine} {name}: p95 spread {s['p95']:.2f} ms"
         assert s["max"] < bounds["max"], f"{engine} {name}: max spread {s['max']:.2f} ms"
-        assert s["abs_p50"] < ABSOLUTE_MEDIAN_BOUND_MS, f"{engine} {name}: off the timeline by {s['abs_p50']:.1f} ms"
+        assert s["abs_p50"] < ABSOLUTE_MEDIAN_BOUND_MS, (
+            f"{engine} {name}: off the timeline by {s['abs_p50']:.1f} ms"
+        )
