@@ -18,6 +18,7 @@ from .conftest import (
     ServerProcess,
     open_skewed_page,
     probe,
+    sample_round,
     wait_for,
 )
 from .sync_scenario import (
@@ -86,6 +87,11 @@ def test_host_and_listener_views_at_desktop_and_phone_widths(
         assert listener.locator("#play").is_disabled() and listener.locator("#seek").is_disabled()
         assert host.locator("text=Make host").count() == 1
         assert listener.locator("#conn-text").inner_text() == "Connected"
+        wait_for(
+            lambda: host.evaluate("navigator.mediaSession.metadata?.title") == "test clicks",
+            5,
+            what="media session title",
+        )
         time.sleep(1.0)
         for width_name, viewport in VIEWPORTS.items():
             for role, page in pages.items():
@@ -197,3 +203,40 @@ def test_reconnect_and_reload_keep_the_room_together(browser: Any, proxy: DelayP
         s = phase.summary()
         print(f"\n{phase.name}: {s}")
         assert s["n"] >= 5 and s["p95"] < 5.0, f"{phase.name}: {s}"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("engine", ["webaudio", "element"])
+def test_device_latency_offset_plays_that_much_earlier(
+    browser: Any, server: ServerProcess, engine: str
+) -> None:
+    """A page with a +80 ms device offset outputs 80 ms ahead of one without."""
+    room = f"l{uuid.uuid4().hex[:8]}"
+    url = f"{server.url}/r/{room}?debug=1&engine={engine}"
+    plain = open_skewed_page(browser, url + "&name=plain", 0.0)
+    ctx = browser.new_context()
+    ctx.add_init_script("localStorage.setItem('musicsync.latencyOffsetMs', '75')")
+    shifted = ctx.new_page()
+    shifted.goto(url + "&name=shifted")
+    pages = [plain, shifted]
+    try:
+        assert shifted.locator("#lat-value").inner_text() == "75 ms"
+        shifted.click("#lat-plus")
+        assert shifted.locator("#lat-value").inner_text() == "80 ms"
+        assert shifted.evaluate("localStorage.getItem('musicsync.latencyOffsetMs')") == "80"
+        wait_clocks(pages, 20)
+        set_track_and_play(find_host(pages))
+        wait_all_valid(pages)
+        time.sleep(3.0 if engine == "element" else 1.0)
+        rounds = []
+        for _ in range(10):
+            if (r := sample_round(pages)) is not None:
+                rounds.append(r)
+            time.sleep(0.1)
+    finally:
+        for page in pages:
+            page.context.close()
+    leads = sorted(r.errors_ms[1] - r.errors_ms[0] for r in rounds)
+    assert len(leads) >= 5
+    median = leads[len(leads) // 2]
+    assert abs(median - 80.0) < (3.0 if engine == "webaudio" else 10.0), leads
