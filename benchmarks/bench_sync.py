@@ -58,8 +58,10 @@ LATE_JOINER_SKEW_MS = 1234.0
 GOALS_P95_MS = {"webaudio": 5.0, "element": 30.0}
 
 
-def run_engine(browser: Any, proxy: DelayProxy, engine: str, seconds: float) -> dict[str, Any]:
-    room, pages = open_room(browser, proxy, engine)
+def run_engine(
+    browser: Any, proxy: DelayProxy, engine: str, seconds: float, ppms: tuple[float, ...] | None
+) -> dict[str, Any]:
+    room, pages = open_room(browser, proxy, engine, ppms=ppms)
     settle = SETTLE_S[engine]
     steady = Phase("steady")
     try:
@@ -110,12 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured play time per engine")
     parser.add_argument("--engines", default="webaudio,element")
     parser.add_argument("--seed", type=int, default=1, help="proxy delay seed")
+    parser.add_argument(
+        "--ppm",
+        default="0,0,0",
+        help="clock rate error of the three pages in ppm, e.g. -80,0,120 (default: none)",
+    )
     args = parser.parse_args(argv)
 
     import tempfile
 
     from playwright.sync_api import sync_playwright
 
+    ppms = tuple(float(x) for x in args.ppm.split(","))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         media = Path(tmp)
@@ -126,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 browser = launch_chromium(pw)
                 try:
                     for engine in args.engines.split(","):
-                        results.append(run_engine(browser, proxy, engine.strip(), args.seconds))
+                        results.append(
+                            run_engine(browser, proxy, engine.strip(), args.seconds, ppms)
+                        )
                 finally:
                     browser.close()
         finally:
@@ -153,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['abs_err_p50_ms']:>9.2f} {r['converge_s']:>11.2f} {goal:>9}"
         )
     print(
-        json.dumps({"benchmark": "sync", "seconds": args.seconds, "results": results}), flush=True
+        json.dumps({"benchmark": "sync", "seconds": args.seconds, "ppm": ppms, "results": results}),
+        flush=True,
     )
     return 0 if all(r["goal_met"] for r in results) else 1
 

@@ -69,8 +69,13 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:
             await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)
-        state["hub"] = Hub(settings, ServerClock(trio.current_time), app.nursery)
-        app.extensions["musicsync_hub"] = state["hub"]
+        hub = Hub(settings, ServerClock(trio.current_time))
+        await app.nursery.start(hub.run)
+        state["hub"] = app.extensions["musicsync_hub"] = hub
+
+    @app.after_serving
+    async def stop_timers() -> None:
+        hub().close()
 
     def page() -> Response:
         return Response(
@@ -154,11 +159,12 @@ async def _reader(hub: Hub, room_name: str, client: Client) -> None:
     pings = RateLimiter.for_ping()
     max_frame = hub.settings.max_frame_bytes
     while True:
-        if client.close_code is not None:
-            # The writer flushes what is queued, sends the close frame and ends
-            # the nursery; stop reading so a flood meets back-pressure.
-            await trio.sleep_forever()
         raw = await websocket.receive()
+        if client.close_code is not None:
+            # The writer is flushing and will send the close frame, then end the
+            # nursery. Keep draining (and discarding) so the close handshake
+            # completes instead of a reset dropping the close frame.
+            continue
         t1 = hub.clock.now_ms()
         now = trio.current_time()
         client.last_seen = now

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from quart_trio import QuartTrio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
@@ -46,22 +47,22 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval
     config.accesslog = None
-    config.errorlog = "-"
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()
     return config
 
 
 async def run_server(
     settings: Settings,
+    shutdown: trio.Event,
     *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[tuple[list[str], QuartTrio]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM; reports the bound URLs through task_status."""
+    """Serve until ``shutdown`` is set; reports the bound URLs and the app."""
     from .app import create_app
 
     app = create_app(settings)
     config = hypercorn_config(settings)
-    shutdown = trio.Event()
 
     async def wait_for_shutdown() -> None:
         await shutdown.wait()
@@ -70,8 +71,17 @@ async def run_server(
         binds = await nursery.start(
             partial(serve, app, config, shutdown_trigger=wait_for_shutdown)  # type: ignore[arg-type]
         )
-        task_status.started(binds)
+        task_status.started((binds, app))
+
+
+async def serve_until_signalled(settings: Settings) -> None:
+    """Serve, print where, and shut down cleanly on SIGINT or SIGTERM."""
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            binds, _app = await nursery.start(run_server, settings, shutdown)
+            for bind in binds:
+                print(f"musicsync listening on {bind}", flush=True)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 shutdown.set()
@@ -89,16 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
     )
 
-    async def announce() -> None:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(run_server, settings)
-            for bind in binds:
-                print(f"musicsync listening on {bind}", flush=True)
-
-    try:
-        trio.run(announce)
-    except KeyboardInterrupt:
-        pass
+    trio.run(serve_until_signalled, settings)
     return 0
 
 

@@ -14,9 +14,12 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 MAX_FRAME_BYTES = 16 * KiB
 # The server drops a client it has heard nothing from for this long. Clients
-# ping every 2-5 s, and Hypercorn sends protocol pings every WS_PING_INTERVAL.
+# ping every 2-5 s, so silence this long means a dead or hostile peer.
 HEARTBEAT_TIMEOUT = 30 * SECOND
-WS_PING_INTERVAL = 10 * SECOND
+# Hypercorn's own protocol pings are off by default: the clients' pings keep
+# NATs open, and Hypercorn's ping task outlives a closed socket by up to one
+# interval, which holds up a graceful shutdown.
+WS_PING_INTERVAL: float | None = None
 # A client whose socket accepts no frame for this long is disconnected (4008).
 SEND_TIMEOUT = 10 * SECOND
 # A client with more than this many frames waiting is too slow (4008).
@@ -39,7 +42,7 @@ class Settings:
     demo_tracks: bool = True
     max_frame_bytes: int = MAX_FRAME_BYTES
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
-    ws_ping_interval: float = WS_PING_INTERVAL
+    ws_ping_interval: float | None = WS_PING_INTERVAL
     send_timeout: float = SEND_TIMEOUT
     outbox_max_frames: int = OUTBOX_MAX_FRAMES
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP

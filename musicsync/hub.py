@@ -102,13 +102,24 @@ class HubStats:
 class Hub:
     """All rooms of this process and the clients in them."""
 
-    def __init__(self, settings: Settings, clock: ServerClock, nursery: trio.Nursery) -> None:
+    def __init__(self, settings: Settings, clock: ServerClock) -> None:
         self.settings = settings
         self.clock = clock
-        self._nursery = nursery
+        self._nursery: trio.Nursery | None = None
         self.rooms: dict[str, RoomEntry] = {}
         self.per_ip: Counter[str] = Counter()
         self.stats = HubStats()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the room timers until ``close``."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def close(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     # -- queries -------------------------------------------------------------
 
@@ -131,6 +142,8 @@ class Hub:
         if entry is None:
             entry = RoomEntry(Room(room_name))
             self.rooms[room_name] = entry
+            if self._nursery is None:
+                raise RuntimeError("Hub.run() is not running")
             self._nursery.start_soon(self._room_timer, room_name, entry)
             log.info("room %s created", room_name)
         entry.clients[client.id] = client

@@ -33,7 +33,10 @@ class ProtocolError(ValueError):
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError("bad_message", f"field {name!r} must be a number")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ProtocolError("bad_message", f"field {name!r} is out of range") from None
     if not math.isfinite(result):
         raise ProtocolError("bad_message", f"field {name!r} must be finite")
     return result
@@ -59,9 +62,19 @@ def _string(limit: int) -> Any:
             raise ProtocolError("bad_message", f"field {name!r} must be a string")
         if len(value) > limit:
             raise ProtocolError("bad_message", f"field {name!r} is longer than {limit}")
+        if _has_surrogate(value):
+            raise ProtocolError("bad_message", f"field {name!r} is not valid Unicode")
         return value
 
     return check
+
+
+def _has_surrogate(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _boolean(value: Any, name: str) -> bool:

@@ -28,8 +28,8 @@ def validate_track_url(url: str) -> str:
         raise BadURL("empty URL")
     if len(url) > MAX_URL_LENGTH:
         raise BadURL(f"URL longer than {MAX_URL_LENGTH} characters")
-    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in url):
-        raise BadURL("URL contains whitespace or control characters")
+    if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in url):
+        raise BadURL("URL contains whitespace or control characters (invisible formatting included)")
     if url.startswith("/"):
         return _validate_media_path(url)
     try:

@@ -56,24 +56,28 @@ PROXY_CHUNK = 65536
 SKEW_SCRIPT = """
 (() => {
   const SKEW = %(skew)r;
+  const RATE = 1 + %(ppm)r * 1e-6;  // the page's clock may also run fast or slow
   const perf = globalThis.performance;
   const nativeNow = Performance.prototype.now;
   const nativeOrigin = perf.timeOrigin;
   const nativeDateNow = Date.now;
   const trueNow = () => nativeOrigin + nativeNow.call(perf);
+  const base = nativeNow.call(perf);
+  const warp = (t) => base + (t - base) * RATE + SKEW;
   Object.defineProperty(Performance.prototype, "now", {
-    value: function now() { return nativeNow.call(this) + SKEW; },
+    value: function now() { return warp(nativeNow.call(this)); },
     configurable: true, writable: true,
   });
   Object.defineProperty(Performance.prototype, "timeOrigin", {
     get() { return nativeOrigin + SKEW; }, configurable: true,
   });
-  Date.now = function now() { return nativeDateNow.call(Date) + SKEW; };
+  const dateBase = nativeDateNow.call(Date);
+  Date.now = function now() { return dateBase + (nativeDateNow.call(Date) - dateBase) * RATE + SKEW; };
   if (globalThis.AudioContext && AudioContext.prototype.getOutputTimestamp) {
     const nativeTs = AudioContext.prototype.getOutputTimestamp;
     AudioContext.prototype.getOutputTimestamp = function getOutputTimestamp() {
       const ts = nativeTs.call(this);
-      return { contextTime: ts.contextTime, performanceTime: ts.performanceTime + SKEW };
+      return { contextTime: ts.contextTime, performanceTime: warp(ts.performanceTime) };
     };
   }
   Object.defineProperty(globalThis, "__msTrueNow", { value: trueNow, enumerable: false });
@@ -304,9 +308,10 @@ class DelayProxy:
 # -- pages ------------------------------------------------------------------
 
 
-def open_skewed_page(browser: Any, url: str, skew_ms: float) -> Any:
+def open_skewed_page(browser: Any, url: str, skew_ms: float, ppm: float = 0.0) -> Any:
+    """A page in its own context whose clocks read ``skew_ms`` ahead (and run ``ppm`` fast)."""
     context = browser.new_context(viewport={"width": 1100, "height": 900})
-    context.add_init_script(SKEW_SCRIPT % {"skew": float(skew_ms)})
+    context.add_init_script(SKEW_SCRIPT % {"skew": float(skew_ms), "ppm": float(ppm)})
     page = context.new_page()
     page.goto(url)
     return page

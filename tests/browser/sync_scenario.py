@@ -56,12 +56,17 @@ def room_url(proxy: DelayProxy, room: str, engine: str, name: str) -> str:
 
 
 def open_room(
-    browser: Any, proxy: DelayProxy, engine: str, skews: tuple[float, ...] = SKEWS_MS
+    browser: Any,
+    proxy: DelayProxy,
+    engine: str,
+    skews: tuple[float, ...] = SKEWS_MS,
+    ppms: tuple[float, ...] | None = None,
 ) -> tuple[str, list[Any]]:
     room = f"t{uuid.uuid4().hex[:10]}"
+    rates = ppms or (0.0,) * len(skews)
     pages = [
-        open_skewed_page(browser, room_url(proxy, room, engine, f"page{i}"), skew)
-        for i, skew in enumerate(skews)
+        open_skewed_page(browser, room_url(proxy, room, engine, f"page{i}"), skew, ppm)
+        for i, (skew, ppm) in enumerate(zip(skews, rates, strict=True))
     ]
     return room, pages
 

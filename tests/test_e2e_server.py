@@ -1,0 +1,289 @@
+"""End-to-end: a real Hypercorn server and real trio-websocket clients."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from musicsync.protocol import MAX_FRAME_BYTES
+
+from .conftest import Server, connect, make_settings, open_server, open_ws
+
+TRACK = "/media/song.mp3"
+
+
+def roles(msg: dict[str, object]) -> dict[str, str]:
+    """Role updates in a presence delta: joined and changed are both upserts."""
+    items = list(msg["joined"]) + list(msg["changed"])  # type: ignore[call-overload]
+    return {x["id"]: x["role"] for x in items}
+
+
+async def test_first_is_host_others_listen(server: Server) -> None:
+    async with connect(server, name="Alice") as a, connect(server, name="Bob") as b:
+        assert a.welcome["you"]["role"] == "host"
+        assert b.welcome["you"]["role"] == "listener"
+        assert b.welcome["you"]["name"] == "Bob"
+        names = {p["name"]: p["role"] for p in b.welcome["participants"]}
+        assert names == {"Alice": "host", "Bob": "listener"}
+        await a.expect_presence(lambda m: m["count"] == 2)
+
+
+async def test_listener_controls_are_refused_and_change_nothing(server: Server) -> None:
+    async with connect(server, name="Host") as host, connect(server, name="L") as listener:
+        for kind, fields in [
+            ("play", {}),
+            ("pause", {}),
+            ("seek", {"position": 3}),
+            ("volume", {"volume": 0.1}),
+            ("set_track", {"url": TRACK}),
+            ("transfer_host", {"to": listener.id}),
+        ]:
+            await listener.send(kind, **fields)
+            await listener.expect_error("not_host")
+        assert server.hub.rooms["main"].room.version == 0
+        # the host still works
+        await host.send("set_track", url=TRACK)
+        state = await listener.expect_state(version=1)
+        assert state["track"]["url"] == TRACK
+
+
+async def test_transfer_and_host_disconnect_election(server: Server) -> None:
+    async with connect(server, name="A") as a:
+        async with connect(server, name="B") as b:
+            async with connect(server, name="C") as c:
+                await a.send("transfer_host", to=b.id)
+                msg = await c.expect_presence(lambda m: roles(m).get(b.id) == "host")
+                assert roles(msg)[a.id] == "listener"
+                await a.send("play")
+                await a.expect_error("not_host")
+                await b.send("set_track", url=TRACK)
+                await c.expect_state(version=1)
+            # C left; B (host) leaves next: A is the longest-connected remaining.
+        msg = await a.expect_presence(lambda m: roles(m).get(a.id) == "host")
+        assert msg["count"] == 1
+        await a.send("play")
+        state = await a.expect_state(paused=False)
+        assert state["version"] == 2
+
+
+async def test_host_disconnect_promotes_longest_connected(server: Server) -> None:
+    async with connect(server, name="B-first") as first:
+        async with connect(server, name="Host2") as second:
+            await first.send("transfer_host", to=second.id)
+            await second.expect_presence(lambda m: roles(m).get(second.id) == "host")
+            async with connect(server, name="Late") as late:
+                await late.expect("presence")
+                await second.conn.aclose()
+                msg = await late.expect_presence(lambda m: second.id in m["left"])
+                assert roles(msg) == {first.id: "host"}
+
+
+async def test_claim_host_refused_while_a_host_exists(server: Server) -> None:
+    async with connect(server) as host, connect(server) as listener:
+        await listener.send("claim_host")
+        await listener.expect_error("host_exists")
+        await host.send("transfer_host", to="nobody")
+        await host.expect_error("no_such_participant")
+
+
+async def test_late_joiner_snapshot(server: Server) -> None:
+    async with connect(server, name="H") as host, connect(server, name="L1"):
+        await host.send("set_track", url=TRACK, title="Song", duration=200)
+        await host.send("play", position=12.5)
+        await host.send("volume", volume=0.5)
+        state = await host.expect_state(version=3)
+        async with connect(server, name="Late") as late:
+            w = late.welcome
+            assert w["room"] == state
+            assert w["room_name"] == "main"
+            assert w["you"]["role"] == "listener"
+            assert len(w["participants"]) == 3
+            assert abs(w["server_time"] - server.hub.clock.now_ms()) < 5_000
+            assert 150 <= w["lead_ms"] <= 1000
+
+
+async def test_changes_are_scheduled_in_the_future(server: Server) -> None:
+    async with connect(server) as host:
+        await host.send("set_track", url=TRACK, duration=100)
+        await host.expect_state(version=1)
+        before = server.hub.clock.now_ms()
+        await host.send("play", position=10)
+        state = await host.expect_state(version=2)
+        assert state["start_at"] >= before + 150
+        assert state["start_at"] <= server.hub.clock.now_ms() + 1000
+        assert state["position"] == 10
+        # a high reported RTT stretches the lead, bounded at 1 s
+        await host.send("ping", t0=1.0, rtt=2_000)
+        await host.expect("pong")
+        before = server.hub.clock.now_ms()
+        await host.send("seek", position=50)
+        state = await host.expect_state(version=3)
+        assert before + 990 <= state["start_at"] <= server.hub.clock.now_ms() + 1000
+
+
+async def test_pong_timestamps(server: Server) -> None:
+    async with connect(server) as peer:
+        await peer.send("ping", t0=123.25)
+        pong = await peer.expect("pong")
+        assert pong["t0"] == 123.25
+        assert pong["t1"] <= pong["t2"]
+        assert abs(pong["t2"] - server.hub.clock.now_ms()) < 5_000
+
+
+async def test_pings_are_not_rate_limited_below_20_per_second(server: Server) -> None:
+    async with connect(server) as peer:
+        for i in range(40):  # two seconds' worth at 20/s, sent at once
+            await peer.send("ping", t0=float(i))
+        seen = []
+        for _ in range(40):
+            msg = await peer.recv()
+            assert msg["type"] == "pong", msg
+            seen.append(msg["t0"])
+        assert seen == [float(i) for i in range(40)]
+
+
+BAD_FRAMES = [
+    ("not json", "bad_message"),
+    ("[1, 2]", "bad_message"),
+    ('{"no": "type"}', "bad_message"),
+    ('{"type": "explode"}', "bad_message"),
+    ('{"type": "seek"}', "bad_message"),
+    ('{"type": "seek", "position": "3"}', "bad_message"),
+    ('{"type": "seek", "position": true}', "bad_message"),
+    ('{"type": "seek", "position": NaN}', "bad_message"),
+    ('{"type": "seek", "position": Infinity}', "bad_message"),
+    ('{"type": "seek", "position": 1e999}', "bad_message"),
+    ('{"type": "seek", "position": -1}', "bad_message"),
+    ('{"type": "volume", "volume": 7}', "bad_message"),
+    ('{"type": "play", "id": "forged-host-id"}', "bad_message"),
+    ("[" * 5000 + "]" * 5000, "bad_message"),
+    ('{"type": "seek", "position": 1' + "0" * 6000 + "}", "bad_message"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_bad_frames_get_typed_errors_and_keep_connection(
+    server: Server, frame: str, code: str
+) -> None:
+    async with connect(server, name="H") as host, connect(server, name="Bystander") as other:
+        await host.send_raw(frame)
+        await host.expect_error(code)
+        # nothing changed, and both connections carry on
+        await host.send("set_track", url=TRACK)
+        assert (await other.expect_state())["version"] == 1
+
+
+async def test_binary_frame_is_refused(server: Server) -> None:
+    async with connect(server) as host:
+        await host.send_raw(b"\x00\xff\xfe")
+        await host.expect_error("binary_not_supported")
+        await host.send("pause")
+        await host.send("ping", t0=1)
+        await host.expect("pong")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)//.mp3",
+        "data:audio/mp3;base64,AAAA",
+        "file:///etc/passwd.mp3",
+        "ftp://example.com/a.mp3",
+        "https://user:pw@example.com/a.mp3",
+        "https://example.com/a.exe",
+        "/static/a.mp3",
+        "/media/../secret.mp3",
+        "/media/%2e%2e/secret.mp3",
+        "//evil.example/a.mp3",
+        "https://example.com/" + "a" * 2100 + ".mp3",
+        "https://example.com/a b.mp3",
+    ],
+)
+async def test_hostile_urls_get_bad_url(server: Server, url: str) -> None:
+    async with connect(server) as host:
+        await host.send("set_track", url=url)
+        await host.expect_error("bad_url")
+        assert server.hub.rooms["main"].room.track is None
+
+
+async def test_oversized_frame_closes_with_1009_others_unaffected(server: Server) -> None:
+    async with connect(server, name="H") as host, connect(server, name="Big") as big:
+        await big.send_raw('{"type":"ping","t0":1,"pad":"' + "x" * MAX_FRAME_BYTES + '"}')
+        with pytest.raises(ConnectionClosed) as info:
+            with trio.fail_after(5):
+                while True:
+                    await big.conn.get_message()
+        assert info.value.reason.code == 1009
+        await host.send("set_track", url=TRACK)
+        await host.expect_state(version=1)
+
+
+async def test_flood_is_rate_limited_then_closed_with_1008(server: Server) -> None:
+    async with connect(server, name="H") as host, connect(server, name="Flood") as flood:
+        codes: list[str] = []
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(80):  # burst 20, then 40 refusals in a row is abuse
+                await flood.send("claim_host")
+            with trio.fail_after(5):
+                while True:
+                    codes.append(json.loads(await flood.conn.get_message()).get("code"))
+        # Hypercorn drops the TCP connection right after the close frame, so a
+        # client still writing may see a reset (1006) instead of the 1008 frame.
+        assert info.value.reason.code in (1008, 1006)
+        assert server.hub.stats.closes[1008] == 1
+        assert server.hub.stats.errors["rate_limited"] >= 40
+        assert server.hub.stats.errors["host_exists"] <= 20
+        await host.send("set_track", url=TRACK)
+        await host.expect_state(version=1)
+
+
+async def test_flood_client_that_stops_reading_gets_1008_frame(server: Server) -> None:
+    async with connect(server, name="Flood") as flood:
+        await flood.send("ping", t0=0)
+        await flood.expect("pong")
+        # exactly enough to be judged abusive: 20 in the burst, then 40 refusals
+        for _ in range(60):
+            await flood.send("transfer_host", to="nobody")
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            while True:
+                await flood.conn.get_message()
+        assert info.value.reason.code == 1008
+
+
+async def test_bad_room_name_is_closed_4400(server: Server) -> None:
+    async with open_ws(server.ws + "/ws/" + "x" * 65) as conn:
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            await conn.get_message()
+        assert info.value.reason.code == 4400
+
+
+async def test_connections_per_ip_are_capped(tmp_path: trio.Path) -> None:
+    async with open_server(make_settings(tmp_path, max_connections_per_ip=2)) as srv:
+        async with connect(srv), connect(srv):
+            async with open_ws(srv.ws_url()) as conn:
+                with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                    await conn.get_message()
+                assert info.value.reason.code == 4429
+        async with connect(srv) as again:  # slots come back when clients leave
+            assert again.welcome["type"] == "welcome"
+
+
+async def test_rooms_are_separate(server: Server) -> None:
+    async with connect(server, "room-a") as a, connect(server, "room-b") as b:
+        assert a.welcome["you"]["role"] == "host"
+        assert b.welcome["you"]["role"] == "host"
+        await a.send("set_track", url=TRACK)
+        await a.expect_state(version=1)
+        assert server.hub.rooms["room-b"].room.version == 0
+
+
+async def test_healthz_counts(server: Server) -> None:
+    async with connect(server, "r1"), connect(server, "r2"), connect(server, "r2"):
+        body = await trio.to_thread.run_sync(lambda: httpx.get(server.http + "/healthz").json())
+        assert body["status"] == "ok"
+        assert body["connections"] == 3
+        assert body["rooms"] == 2
