@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, abort, jsonify, request, send_file, websocket
+from quart import Response, abort, jsonify, send_file, websocket
 from quart_trio import QuartTrio
 
 from . import __version__
@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.before_serving
     async def startup() -> None:
-        logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        )
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:
             await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)

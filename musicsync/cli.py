@@ -10,9 +10,9 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from quart_trio import QuartTrio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from quart_trio import QuartTrio
 
 from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_PORT, Settings, default_data_dir
@@ -34,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of tracks served under /media/ (default %(default)s)",
     )
     s.add_argument("--no-demo", action="store_true", help="do not generate the demo tracks")
-    s.add_argument(
-        "--max-connections-per-ip", type=int, default=Settings.max_connections_per_ip
-    )
+    s.add_argument("--max-connections-per-ip", type=int, default=Settings.max_connections_per_ip)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -68,9 +66,7 @@ async def run_server(
         await shutdown.wait()
 
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(serve, app, config, shutdown_trigger=wait_for_shutdown)  # type: ignore[arg-type]
-        )
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=wait_for_shutdown))
         task_status.started((binds, app))
 
 

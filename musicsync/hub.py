@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections import Counter
@@ -40,10 +41,8 @@ class Client:
         self.close_reason = ""
 
     def _ring(self) -> None:
-        try:
+        with contextlib.suppress(trio.WouldBlock):  # the writer is already due to wake
             self._bell_send.send_nowait(None)
-        except trio.WouldBlock:
-            pass  # the writer is already due to wake up
 
     def deliver(self, frame: str) -> None:
         self._guarded(self.outbox.push, frame)

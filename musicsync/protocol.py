@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 MAX_FRAME_BYTES = 16 * 1024
 MAX_TITLE_LENGTH = 200
@@ -158,7 +158,7 @@ class Ping:
     rtt: float | None = _f(_optional(_nonneg), None)
 
 
-ClientMessage = Union[SetTrack, Play, Pause, Seek, Volume, ClaimHost, TransferHost, Ping]
+ClientMessage = SetTrack | Play | Pause | Seek | Volume | ClaimHost | TransferHost | Ping
 
 CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
     cls.TYPE: cls for cls in (SetTrack, Play, Pause, Seek, Volume, ClaimHost, TransferHost, Ping)
@@ -173,7 +173,10 @@ def decode_client(frame: str | bytes) -> ClientMessage:
     """Parse one text frame into a client message, or raise ProtocolError."""
     if isinstance(frame, bytes):
         raise ProtocolError("binary_not_supported", "binary frames are not supported")
-    if len(frame) > MAX_FRAME_BYTES or len(frame.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES:
+    if (
+        len(frame) > MAX_FRAME_BYTES
+        or len(frame.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES
+    ):
         raise ProtocolError("too_large", f"frame larger than {MAX_FRAME_BYTES} bytes")
     try:
         obj = json.loads(frame, parse_constant=_reject_constant)

@@ -29,7 +29,9 @@ def validate_track_url(url: str) -> str:
     if len(url) > MAX_URL_LENGTH:
         raise BadURL(f"URL longer than {MAX_URL_LENGTH} characters")
     if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in url):
-        raise BadURL("URL contains whitespace or control characters (invisible formatting included)")
+        raise BadURL(
+            "URL contains whitespace or control characters (invisible formatting included)"
+        )
     if url.startswith("/"):
         return _validate_media_path(url)
     try:

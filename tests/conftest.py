@@ -81,17 +81,17 @@ class Peer:
     async def send_raw(self, data: str | bytes) -> None:
         await self.conn.send_message(data)
 
-    async def recv(self, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
-        with trio.fail_after(timeout):
+    async def recv(self, limit: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+        with trio.fail_after(limit):
             msg = json.loads(await self.conn.get_message())
         assert isinstance(msg, dict)
         return msg
 
-    async def expect(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+    async def expect(self, kind: str, limit: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
         """Skip frames of other types until one of ``kind`` arrives."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(limit):
             while True:
-                msg = await self.recv(timeout=timeout)
+                msg = await self.recv(limit=limit)
                 if msg["type"] == kind:
                     return msg
 
@@ -126,12 +126,14 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
         try:
             yield conn
         finally:
-            stream = conn._stream  # noqa: SLF001 - see docstring
+            stream = conn._stream
     await stream.aclose()
 
 
 @asynccontextmanager
-async def connect(server: Server, room: str = "main", name: str = "tester", **query: str) -> AsyncIterator[Peer]:
+async def connect(
+    server: Server, room: str = "main", name: str = "tester", **query: str
+) -> AsyncIterator[Peer]:
     async with open_ws(server.ws_url(room, name, **query)) as conn:
         peer = Peer(conn)
         peer.welcome = await peer.expect("welcome")

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from musicsync.protocol import MAX_FRAME_BYTES
 
@@ -53,15 +53,14 @@ async def test_listener_controls_are_refused_and_change_nothing(server: Server) 
 
 async def test_transfer_and_host_disconnect_election(server: Server) -> None:
     async with connect(server, name="A") as a:
-        async with connect(server, name="B") as b:
-            async with connect(server, name="C") as c:
-                await a.send("transfer_host", to=b.id)
-                msg = await c.expect_presence(lambda m: roles(m).get(b.id) == "host")
-                assert roles(msg)[a.id] == "listener"
-                await a.send("play")
-                await a.expect_error("not_host")
-                await b.send("set_track", url=TRACK)
-                await c.expect_state(version=1)
+        async with connect(server, name="B") as b, connect(server, name="C") as c:
+            await a.send("transfer_host", to=b.id)
+            msg = await c.expect_presence(lambda m: roles(m).get(b.id) == "host")
+            assert roles(msg)[a.id] == "listener"
+            await a.send("play")
+            await a.expect_error("not_host")
+            await b.send("set_track", url=TRACK)
+            await c.expect_state(version=1)
             # C left; B (host) leaves next: A is the longest-connected remaining.
         msg = await a.expect_presence(lambda m: roles(m).get(a.id) == "host")
         assert msg["count"] == 1
@@ -71,15 +70,14 @@ async def test_transfer_and_host_disconnect_election(server: Server) -> None:
 
 
 async def test_host_disconnect_promotes_longest_connected(server: Server) -> None:
-    async with connect(server, name="B-first") as first:
-        async with connect(server, name="Host2") as second:
-            await first.send("transfer_host", to=second.id)
-            await second.expect_presence(lambda m: roles(m).get(second.id) == "host")
-            async with connect(server, name="Late") as late:
-                await late.expect("presence")
-                await second.conn.aclose()
-                msg = await late.expect_presence(lambda m: second.id in m["left"])
-                assert roles(msg) == {first.id: "host"}
+    async with connect(server, name="B-first") as first, connect(server, name="Host2") as second:
+        await first.send("transfer_host", to=second.id)
+        await second.expect_presence(lambda m: roles(m).get(second.id) == "host")
+        async with connect(server, name="Late") as late:
+            await late.expect("presence")
+            await second.conn.aclose()
+            msg = await late.expect_presence(lambda m: second.id in m["left"])
+            assert roles(msg) == {first.id: "host"}
 
 
 async def test_claim_host_refused_while_a_host_exists(server: Server) -> None:
@@ -263,11 +261,10 @@ async def test_bad_room_name_is_closed_4400(server: Server) -> None:
 
 async def test_connections_per_ip_are_capped(tmp_path: trio.Path) -> None:
     async with open_server(make_settings(tmp_path, max_connections_per_ip=2)) as srv:
-        async with connect(srv), connect(srv):
-            async with open_ws(srv.ws_url()) as conn:
-                with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
-                    await conn.get_message()
-                assert info.value.reason.code == 4429
+        async with connect(srv), connect(srv), open_ws(srv.ws_url()) as conn:
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                await conn.get_message()
+            assert info.value.reason.code == 4429
         async with connect(srv) as again:  # slots come back when clients leave
             assert again.welcome["type"] == "welcome"
 

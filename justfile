@@ -1,0 +1,49 @@
+# musicsync task runner (install: pip install rust-just, or pip install -e '.[test]')
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env_var_or_default("PYTHON", "python3")
+
+# list recipes
+default:
+    @just --list
+
+# run the server (extra args go to `musicsync serve`, e.g. just serve --host 0.0.0.0)
+serve *ARGS:
+    {{python}} -m musicsync serve {{ARGS}}
+
+# install everything the tests need (Debian: chromium from apt; Python extras)
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v chromium >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+    fi
+    {{python}} -m pip install -q -e '.[test]'
+
+# run the whole test suite (pytest's "no tests" exit code 5 counts as failure)
+test *ARGS:
+    {{python}} -m pytest {{ARGS}}
+
+# ruff (with the ASYNC rules) and mypy --strict on the package
+lint:
+    {{python}} -m ruff check .
+    {{python}} -m ruff format --check .
+    {{python}} -m mypy
+
+# server benchmarks (fan-out latency, join cost, memory per connection)
+bench *ARGS:
+    {{python}} benchmarks/bench_fanout.py {{ARGS}}
+
+# browser sync benchmark: inter-client spread per engine in real Chromium
+bench-sync *ARGS:
+    {{python}} benchmarks/bench_sync.py {{ARGS}}
+
+# build dist/musicsync.pyz, a single-file deployment
+zipapp:
+    {{python}} -m musicsync.zipapp dist/musicsync.pyz
+
+# what CI runs
+ci: lint test
