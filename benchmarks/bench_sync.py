@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         media = Path(tmp)
-        write_click_track(media / TRACK_NAME)
+        # long enough for every phase and the late join
+        write_click_track(media / TRACK_NAME, seconds=int(args.seconds * 1.5) + 150)
         server = start_server(media)
         try:
             with DelayProxy(server.port, seed=args.seed) as proxy, sync_playwright() as pw:

@@ -72,7 +72,9 @@ SKEW_SCRIPT = """
     get() { return nativeOrigin + SKEW; }, configurable: true,
   });
   const dateBase = nativeDateNow.call(Date);
-  Date.now = function now() { return dateBase + (nativeDateNow.call(Date) - dateBase) * RATE + SKEW; };
+  Date.now = function now() {
+    return dateBase + (nativeDateNow.call(Date) - dateBase) * RATE + SKEW;
+  };
   if (globalThis.AudioContext && AudioContext.prototype.getOutputTimestamp) {
     const nativeTs = AudioContext.prototype.getOutputTimestamp;
     AudioContext.prototype.getOutputTimestamp = function getOutputTimestamp() {
@@ -109,21 +111,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def write_click_track(path: Path, seconds: int = TRACK_SECONDS, rate: int = TRACK_RATE) -> None:
-    """A click every 250 ms over a quiet tone sweep: easy to align by ear or by recording."""
-    frames = bytearray()
-    click_every = rate // 4
+    """A click every 250 ms over a quiet 220 Hz tone, with a stronger click every second.
+
+    Easy to align by ear or by recording. Built from one-second blocks so long
+    tracks are quick to write.
+    """
+    quarter = rate // 4
     click_len = rate // 500
-    for i in range(seconds * rate):
-        t = i / rate
-        sample = 0.08 * math.sin(2 * math.pi * (220 + 4 * t) * t)
-        if i % click_every < click_len:
-            sample += 0.7 * (1 - (i % click_every) / click_len)
-        frames += struct.pack("<h", int(max(-1.0, min(1.0, sample)) * 32767))
+    block = bytearray()
+    for accent in (1.0, 0.6, 0.6, 0.6):
+        for i in range(quarter):
+            sample = 0.08 * math.sin(2 * math.pi * 220 * i / rate)
+            if i < click_len:
+                sample += 0.7 * accent * (1 - i / click_len)
+            block += struct.pack("<h", int(max(-1.0, min(1.0, sample)) * 32767))
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(bytes(frames))
+        w.writeframes(bytes(block) * seconds)
 
 
 # -- the server ----------------------------------------------------------------
@@ -153,8 +159,16 @@ def start_server(media: Path) -> ServerProcess:
     override = os.environ.get("MUSICSYNC_SERVER_CMD")
     cmd = shlex.split(override) if override else [sys.executable, "-m", "musicsync", "serve"]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--media", str(media)]
+    # a short resume grace: a departed host's seat frees up quickly in the tests
+    env = {"MUSICSYNC_RESUME_GRACE": "2", **os.environ}
     proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     lines: queue.Queue[str | None] = queue.Queue()
     output: list[str] = []
