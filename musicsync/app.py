@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, abort, jsonify, send_file, websocket
+from quart import Response, abort, jsonify, request, send_file, websocket
 from quart_trio import QuartTrio
 
 from . import __version__
@@ -18,6 +18,7 @@ from .demo import ensure_demo_tracks
 from .hub import (
     CLOSE_BAD_ROOM,
     CLOSE_HEARTBEAT,
+    CLOSE_KICKED,
     CLOSE_POLICY,
     CLOSE_SLOW,
     CLOSE_TOO_BIG,
@@ -25,10 +26,14 @@ from .hub import (
     Client,
     Hub,
 )
+from .library import Library
+from .logs import configure_logging
 from .media import content_type_for, resolve_media_path
+from .ops import register_ops_routes
 from .outbox import PendingPong
-from .protocol import Ping, ProtocolError, decode_client
+from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
 from .ratelimit import RateLimiter, Verdict
+from .uploads import FlowHTTPConnection, FlowRequest, handle_upload, max_request_bytes
 from .urls import is_valid_room_name, sanitize_display_name
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,11 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     settings = settings or Settings.from_env()
     app = QuartTrio(__name__, static_folder=None)
     app.config["MUSICSYNC"] = settings
+    # Uploads stream their body (with back-pressure); nothing else takes a larger one.
+    app.request_class = FlowRequest
+    app.asgi_http_class = FlowHTTPConnection
+    app.config["MAX_CONTENT_LENGTH"] = max_request_bytes(settings.upload_max_bytes)
+    library = Library(settings.media_dir)
     index_html = load_index_html()
     state: dict[str, Any] = {}
 
@@ -65,9 +75,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.before_serving
     async def startup() -> None:
-        logging.basicConfig(
-            level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(settings.log_level, settings.log_format, replace=False)
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:
             await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)
@@ -78,6 +86,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.after_serving
     async def stop_timers() -> None:
         hub().close()
+
+    register_ops_routes(app, settings, hub)  # /metrics, /api/share, /api/qr.svg
 
     def page() -> Response:
         return Response(
@@ -107,6 +117,16 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
             server_time=h.clock.now_ms(),
         )
 
+    @app.get("/api/library")
+    async def library_index() -> Any:
+        listing = await library.listing()
+        return jsonify(**listing.to_json(), upload_max_bytes=settings.upload_max_bytes)
+
+    @app.post("/api/upload")
+    async def upload() -> Any:
+        body, status = await handle_upload(request, hub(), library, settings.upload_max_bytes)
+        return jsonify(body), status
+
     @app.get("/media/<path:subpath>")
     async def media(subpath: str) -> Response:
         path = resolve_media_path(settings.media_dir, subpath)
@@ -129,11 +149,18 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
             await websocket.accept()
             await websocket.close(CLOSE_TOO_MANY, "too many connections from this address")
             return
+        token = websocket.args.get("token") or None
+        entry = h.rooms.get(room_name)
+        if token and entry is not None and entry.room.is_banned(token, h.clock.now_ms()):
+            await websocket.accept()
+            await websocket.send(error_frame("kicked", "you were removed from this room"))
+            await websocket.close(CLOSE_KICKED, "kicked")
+            return
         await websocket.accept()
         client = h.new_client(ip)
         name = sanitize_display_name(websocket.args.get("name"))
         try:
-            h.join(room_name, client, name)
+            h.join(room_name, client, name, resume_token=token)
             await serve_client(h, room_name, client)
         finally:
             h.leave(room_name, client)
@@ -190,6 +217,9 @@ async def _reader(hub: Hub, room_name: str, client: Client) -> None:
             continue
         if _limited(hub, client, control.check(now)):
             continue
+        if isinstance(msg, Report):
+            hub.metrics.observe_report(msg)
+            continue
         hub.handle(room_name, client, msg)
 
 
@@ -222,6 +252,8 @@ async def _writer(hub: Hub, client: Client) -> None:
             log.info("dropping slow client %s", client.id)
             return
         hub.stats.messages_out += 1
+        if item is client.state_frame:
+            hub.metrics.broadcast_latency.observe(trio.current_time() - client.state_queued_at)
 
 
 async def _heartbeat(hub: Hub, client: Client) -> None:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 SECOND = 1.0
 MINUTE = 60 * SECOND
 KiB = 1024
+MiB = 1024 * KiB
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -26,7 +36,11 @@ SEND_TIMEOUT = 10 * SECOND
 OUTBOX_MAX_FRAMES = 256
 MAX_CONNECTIONS_PER_IP = 64
 ROOM_IDLE_TTL = 5 * MINUTE
+# A dropped participant keeps id, name and role this long (resume by token).
+RESUME_GRACE = 30 * SECOND
 SHUTDOWN_GRACE = 3 * SECOND
+# Largest file POST /api/upload accepts (413 beyond it).
+UPLOAD_MAX_BYTES = 200 * MiB
 
 
 def default_data_dir() -> Path:
@@ -47,21 +61,298 @@ class Settings:
     outbox_max_frames: int = OUTBOX_MAX_FRAMES
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
     room_idle_ttl: float = ROOM_IDLE_TTL
+    resume_grace: float = RESUME_GRACE
     log_level: str = "info"
+    log_format: str = "text"
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    public_url: str | None = None
+    print_qr: bool = True
+    shutdown_grace: float = SHUTDOWN_GRACE
+    upload_max_bytes: int = UPLOAD_MAX_BYTES
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        """Settings from MUSICSYNC_* variables, for ``hypercorn musicsync.app:app``."""
-        env = os.environ if environ is None else environ
-        kwargs: dict[str, object] = {}
-        if "MUSICSYNC_HOST" in env:
-            kwargs["host"] = env["MUSICSYNC_HOST"]
-        if "MUSICSYNC_PORT" in env:
-            kwargs["port"] = int(env["MUSICSYNC_PORT"])
-        if "MUSICSYNC_MEDIA" in env:
-            kwargs["media_dir"] = Path(env["MUSICSYNC_MEDIA"])
-        if "MUSICSYNC_MAX_CONNECTIONS_PER_IP" in env:
-            kwargs["max_connections_per_ip"] = int(env["MUSICSYNC_MAX_CONNECTIONS_PER_IP"])
-        if "MUSICSYNC_LOG_LEVEL" in env:
-            kwargs["log_level"] = env["MUSICSYNC_LOG_LEVEL"]
-        return cls(**kwargs)  # type: ignore[arg-type]
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from MUSICSYNC_* variables (and MUSICSYNC_CONFIG's TOML file).
+
+        This is what ``hypercorn -k trio musicsync.app:app`` runs with.
+        """
+        return resolve_settings({}, os.environ if environ is None else environ)
+
+
+# -- one table for flags, environment variables and the TOML file -------------
+#
+# Every option below is a command-line flag ``--name``, an environment variable
+# ``MUSICSYNC_NAME`` and a TOML key ``name`` (dashes become underscores), with
+# the precedence flag > environment > TOML file > default.
+
+ENV_PREFIX = "MUSICSYNC_"
+CONFIG_ENV = "MUSICSYNC_CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A setting that could not be used; the message names where it came from."""
+
+
+def _parse_str(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("must be one of true/false, yes/no, on/off, 1/0")
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text.strip())
+    if not (value > 0 and value < float("inf")):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _megabytes(text: str) -> int:
+    value = int(text.strip())
+    if not 1 <= value <= 1_000_000:
+        raise ValueError("must be between 1 and 1000000 (MB)")
+    return value * MiB
+
+
+def _path(text: str) -> Path:
+    return Path(_parse_str(text)).expanduser()
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        word = text.strip().lower()
+        if word not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return word
+
+    return parse
+
+
+def _public_url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return url
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting, as a flag, an environment variable and a TOML key."""
+
+    name: str  # the flag without its dashes
+    field: str  # the Settings attribute it sets
+    parse: Callable[[str], Any]
+    help: str
+    kind: str = "str"  # str | int | float | bool: the TOML type it accepts
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+    def from_text(self, text: str, source: str) -> Any:
+        try:
+            return self.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {text!r} is not a valid {self.name}: {exc}") from None
+
+    def from_toml(self, value: Any, source: str, base: Path) -> Any:
+        ok = {
+            "bool": isinstance(value, bool),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        }.get(self.kind, isinstance(value, str))
+        if not ok:
+            raise ConfigError(f"{source}: {self.key} must be a TOML {self.kind}, not {value!r}")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        result = self.from_text(str(value), source)
+        if isinstance(result, Path) and not result.is_absolute():
+            result = base / result  # relative to the file that names it
+        return result
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "host",
+        "host",
+        _parse_str,
+        "address to bind; 0.0.0.0 (or ::) lets the LAN in",
+        "str",
+        "ADDR",
+    ),
+    Option("port", "port", _int_between(0, 65535), "TCP port; 0 picks a free one", "int", "PORT"),
+    Option("media", "media_dir", _path, "directory of tracks served under /media/", "str", "DIR"),
+    Option("demo", "demo_tracks", _parse_bool, "generate the demo tracks at start", "bool"),
+    Option(
+        "public-url",
+        "public_url",
+        _public_url,
+        "the URL people open when a reverse proxy is in front (share links, QR codes)",
+        metavar="URL",
+    ),
+    Option(
+        "certfile", "certfile", _path, "TLS certificate (PEM): serve HTTPS and WSS", "str", "PEM"
+    ),
+    Option("keyfile", "keyfile", _path, "TLS private key (PEM) for --certfile", "str", "PEM"),
+    Option("log-level", "log_level", _choice(*LOG_LEVELS), "log threshold", choices=LOG_LEVELS),
+    Option(
+        "log-format",
+        "log_format",
+        _choice(*LOG_FORMATS),
+        "stderr log lines: key=value text or JSON",
+        choices=LOG_FORMATS,
+    ),
+    Option("qr", "print_qr", _parse_bool, "print a QR code of the LAN URL at start", "bool"),
+    Option(
+        "max-connections-per-ip",
+        "max_connections_per_ip",
+        _int_between(1, 1_000_000),
+        "WebSocket connections allowed from one address",
+        "int",
+    ),
+    Option(
+        "heartbeat-timeout",
+        "heartbeat_timeout",
+        _seconds,
+        "drop a client silent this many seconds",
+        "float",
+        "SECONDS",
+    ),
+    Option(
+        "send-timeout",
+        "send_timeout",
+        _seconds,
+        "drop a client whose socket takes no frame for this many seconds",
+        "float",
+        "SECONDS",
+    ),
+    Option(
+        "outbox-max-frames",
+        "outbox_max_frames",
+        _int_between(1, 1_000_000),
+        "frames a client may fall behind before it is dropped",
+        "int",
+    ),
+    Option(
+        "room-idle-ttl",
+        "room_idle_ttl",
+        _seconds,
+        "forget an empty room after this many seconds",
+        "float",
+        "SECONDS",
+    ),
+    Option(
+        "resume-grace",
+        "resume_grace",
+        _seconds,
+        "a dropped participant may resume its seat for this many seconds",
+        "float",
+        "SECONDS",
+    ),
+    Option(
+        "shutdown-grace",
+        "shutdown_grace",
+        _seconds,
+        "on SIGTERM, wait this long for clients to be told to reconnect",
+        "float",
+        "SECONDS",
+    ),
+    Option(
+        "upload-max-mb",
+        "upload_max_bytes",
+        _megabytes,
+        f"largest upload accepted, in MB (default {UPLOAD_MAX_BYTES // MiB})",
+        "int",
+        "MB",
+    ),
+)
+
+OPTIONS_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+def default_value(option: Option) -> Any:
+    return getattr(Settings(), option.field)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(OPTIONS_BY_KEY))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(OPTIONS_BY_KEY)})"
+        )
+    return data
+
+
+def resolve_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+) -> Settings:
+    """Settings from flags (Settings field -> value, only those given), the
+    environment and a TOML file: flag > environment > file > default.
+
+    ``config_file`` None means ``MUSICSYNC_CONFIG``, if set.
+    """
+    if config_file is None and environ.get(CONFIG_ENV):
+        config_file = Path(environ[CONFIG_ENV]).expanduser()
+    table = load_toml(config_file) if config_file is not None else {}
+    base = config_file.parent if config_file is not None else Path.cwd()
+    kwargs: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.field in flags:
+            kwargs[option.field] = flags[option.field]
+        elif option.env in environ:
+            kwargs[option.field] = option.from_text(environ[option.env], option.env)
+        elif option.key in table:
+            kwargs[option.field] = option.from_toml(table[option.key], str(config_file), base)
+    settings = Settings(**kwargs)
+    if (settings.certfile is None) != (settings.keyfile is None):
+        raise ConfigError("--certfile and --keyfile go together: give both or neither")
+    return settings

@@ -13,9 +13,19 @@ import trio
 
 from .clock import ServerClock
 from .config import Settings
+from .metrics import Metrics
 from .outbox import Outbox, OutboxOverflow, PendingPong
 from .protocol import ClientMessage, encode, error_frame
-from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .room import (
+    PLAYBACK_ROLES,
+    BroadcastPresence,
+    BroadcastState,
+    Effect,
+    Error,
+    Participant,
+    Reply,
+    Room,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +34,8 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_HEARTBEAT = 4000
 CLOSE_SLOW = 4008
+CLOSE_KICKED = 4403
+CLOSE_REPLACED = 4409
 CLOSE_BAD_ROOM = 4400
 CLOSE_TOO_MANY = 4429
 
@@ -33,12 +45,16 @@ class Client:
 
     def __init__(self, ip: str, outbox_max_frames: int) -> None:
         self.id = secrets.token_urlsafe(8)
+        self.token = secrets.token_urlsafe(16)  # 128 bits; never logged
         self.ip = ip
         self.outbox = Outbox(outbox_max_frames)
         self._bell_send, self._bell_recv = trio.open_memory_channel[None](1)
         self.last_seen = trio.current_time()
         self.close_code: int | None = None
         self.close_reason = ""
+        # The newest state frame handed to this client and when (broadcast latency).
+        self.state_frame: str | None = None
+        self.state_queued_at = 0.0
 
     def _ring(self) -> None:
         with contextlib.suppress(trio.WouldBlock):  # the writer is already due to wake
@@ -48,6 +64,7 @@ class Client:
         self._guarded(self.outbox.push, frame)
 
     def deliver_state(self, frame: str) -> None:
+        self.state_frame, self.state_queued_at = frame, trio.current_time()
         self._guarded(self.outbox.push_state, frame)
 
     def deliver_pong(self, t0: float, t1: float) -> None:
@@ -108,6 +125,8 @@ class Hub:
         self.rooms: dict[str, RoomEntry] = {}
         self.per_ip: Counter[str] = Counter()
         self.stats = HubStats()
+        self.metrics = Metrics(self)
+        self.closing = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the room timers until ``close``."""
@@ -115,6 +134,19 @@ class Hub:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        """Tell every client to reconnect (1001) and wait for the writers to flush.
+
+        Returns once every client has left, or after ``settings.shutdown_grace``.
+        """
+        self.closing = True
+        for entry in list(self.rooms.values()):
+            for client in list(entry.clients.values()):
+                client.fail(CLOSE_GOING_AWAY, "server restarting")
+        with trio.move_on_after(self.settings.shutdown_grace):
+            while self.connection_count:  # noqa: ASYNC110 - once, at shutdown
+                await trio.sleep(0.01)
 
     def close(self) -> None:
         if self._nursery is not None:
@@ -134,20 +166,61 @@ class Hub:
     def new_client(self, ip: str) -> Client:
         self.per_ip[ip] += 1
         self.stats.connections_total += 1
-        return Client(ip, self.settings.outbox_max_frames)
+        client = Client(ip, self.settings.outbox_max_frames)
+        if self.closing:
+            client.fail(CLOSE_GOING_AWAY, "server restarting")
+        return client
 
-    def join(self, room_name: str, client: Client, name: str) -> None:
+    def room_entry(self, room_name: str) -> RoomEntry:
+        """The live room of that name, created (with its timer) if need be."""
         entry = self.rooms.get(room_name)
         if entry is None:
-            entry = RoomEntry(Room(room_name))
+            entry = RoomEntry(Room(room_name, resume_grace_ms=self.settings.resume_grace * 1000))
             self.rooms[room_name] = entry
             if self._nursery is None:
                 raise RuntimeError("Hub.run() is not running")
             self._nursery.start_soon(self._room_timer, room_name, entry)
             log.info("room %s created", room_name)
+        return entry
+
+    def join(
+        self,
+        room_name: str,
+        client: Client,
+        name: str,
+        resume_token: str | None = None,
+        role: str | None = None,
+    ) -> None:
+        """Seat ``client``: as the participant ``resume_token`` names, else as someone new."""
+        entry = self.room_entry(room_name)
+        room = entry.room
+        now = self.clock.now_ms()
+        effects = None
+        if resume_token:
+            live = room.participant_for_token(resume_token)
+            if live is not None:  # a second tab, or a drop the server has not seen yet
+                old = entry.clients.pop(live.id, None)
+                if old is not None:
+                    old.fail(CLOSE_REPLACED, "replaced by a newer connection")
+                self._apply(entry, room.leave(live.id, now))
+            effects = room.resume(resume_token, now)
+        if effects is None:
+            effects = room.join(client.id, name, now, client.token, role)
+        else:
+            client.id, client.token = effects[0].to, resume_token or client.token  # type: ignore[union-attr]
         entry.clients[client.id] = client
         entry.empty_since = None
-        self._apply(entry, entry.room.join(client.id, name, self.clock.now_ms()))
+        self._apply(entry, effects)
+
+    def participant_for_token(self, room_name: str, token: str) -> Participant | None:
+        entry = self.rooms.get(room_name)
+        return entry.room.participant_for_token(token) if entry and token else None
+
+    def may_upload(self, room_name: str, participant: Participant) -> bool:
+        entry = self.rooms.get(room_name)
+        if entry is None or participant.id not in entry.room.participants:
+            return False
+        return participant.role in PLAYBACK_ROLES or entry.room.settings.listeners_may_upload
 
     def leave(self, room_name: str, client: Client) -> None:
         self.per_ip[client.ip] -= 1
@@ -156,8 +229,8 @@ class Hub:
         if client.close_code is not None:
             self.stats.closes[client.close_code] += 1
         entry = self.rooms.get(room_name)
-        if entry is None or client.id not in entry.clients:
-            return
+        if entry is None or entry.clients.get(client.id) is not client:
+            return  # never seated, or replaced by a newer connection
         del entry.clients[client.id]
         self._apply(entry, entry.room.leave(client.id, self.clock.now_ms()))
         if not entry.clients:
@@ -179,7 +252,12 @@ class Hub:
 
     def _apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Reply):
+            if isinstance(effect, Reply) and effect.kind == "kicked":
+                target = entry.clients.pop(effect.to, None)
+                if target is not None:
+                    self.error(target, "kicked", "the host removed you from this room")
+                    target.fail(CLOSE_KICKED, "kicked")
+            elif isinstance(effect, Reply):
                 target = entry.clients.get(effect.to)
                 if target is not None:
                     target.deliver(encode(effect.kind, **effect.payload))

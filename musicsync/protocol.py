@@ -151,6 +151,20 @@ class TransferHost:
 
 
 @dataclass(frozen=True)
+class Kick:
+    TYPE: ClassVar[str] = "kick"
+    CONTROL: ClassVar[bool] = True
+    id: str = _f(_string(MAX_ID_LENGTH))
+
+
+@dataclass(frozen=True)
+class RoomSettingsUpdate:
+    TYPE: ClassVar[str] = "room_settings"
+    CONTROL: ClassVar[bool] = True
+    listeners_may_upload: bool | None = _f(_optional(_boolean), None)
+
+
+@dataclass(frozen=True)
 class Ping:
     TYPE: ClassVar[str] = "ping"
     CONTROL: ClassVar[bool] = False
@@ -158,10 +172,56 @@ class Ping:
     rtt: float | None = _f(_optional(_nonneg), None)
 
 
-ClientMessage = SetTrack | Play | Pause | Seek | Volume | ClaimHost | TransferHost | Ping
+def _engine(value: Any, name: str) -> str:
+    if value not in ("webaudio", "element"):
+        raise ProtocolError("bad_message", f"field {name!r} must be 'webaudio' or 'element'")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A client's sync figures, a few times a minute; they feed /metrics histograms.
+
+    Anyone may send it (no role needed); it shares the control rate limiter.
+    """
+
+    TYPE: ClassVar[str] = "report"
+    CONTROL: ClassVar[bool] = True
+    drift_ms: float = _f(_number)
+    rtt_ms: float = _f(_nonneg)
+    offset_ms: float | None = _f(_optional(_number), None)
+    engine: str | None = _f(_optional(_engine), None)
+
+
+ClientMessage = (
+    SetTrack
+    | Play
+    | Pause
+    | Seek
+    | Volume
+    | ClaimHost
+    | TransferHost
+    | Kick
+    | RoomSettingsUpdate
+    | Ping
+    | Report
+)
 
 CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
-    cls.TYPE: cls for cls in (SetTrack, Play, Pause, Seek, Volume, ClaimHost, TransferHost, Ping)
+    cls.TYPE: cls
+    for cls in (
+        SetTrack,
+        Play,
+        Pause,
+        Seek,
+        Volume,
+        ClaimHost,
+        TransferHost,
+        Kick,
+        RoomSettingsUpdate,
+        Ping,
+        Report,
+    )
 }
 
 

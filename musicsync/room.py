@@ -6,7 +6,10 @@ nothing here touches a socket, a clock or trio.
 
 Invariants (checked by the property tests in tests/test_room_properties.py):
 
-* A room with participants in it has exactly one host. An empty room has none.
+* A room has at most one host. A room with participants in it has exactly one
+  host, except while the departed host's seat is held for its resume grace
+  period (``host_reserved``); then it has none, and ``poll`` elects one when
+  the grace period ends.
 * ``version`` never decreases, and grows by exactly one with every change that
   is broadcast as a ``state``.
 * A change to the timeline takes effect at a scheduled server time ``start_at``
@@ -28,6 +31,8 @@ from typing import Any
 from .protocol import (
     ClaimHost,
     ClientMessage,
+    Kick,
+    RoomSettingsUpdate,
     Pause,
     Play,
     Seek,
@@ -48,8 +53,17 @@ PRESENCE_COALESCE_MS = 50.0
 MS_PER_SECOND = 1000.0
 DEFAULT_VOLUME = 1.0
 
+# A participant who drops keeps their id, name and role for this long, so a
+# reload or a network blip is not a hand-over.
+RESUME_GRACE_MS = 30_000.0
+# A kicked participant's token cannot rejoin for this long.
+KICK_BAN_MS = 10 * 60_000.0
+
 HOST = "host"
+COHOST = "cohost"
 LISTENER = "listener"
+# Who may drive playback (play, pause, seek, volume, track, queue).
+PLAYBACK_ROLES = (HOST, COHOST)
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class Participant:
     role: str
     seq: int
     rtt_ms: float | None = None
+    token: str | None = field(default=None, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "role": self.role}
@@ -128,6 +143,17 @@ Effect = Reply | Error | BroadcastState | BroadcastPresence
 
 
 @dataclass
+class RoomSettings:
+    listeners_may_upload: bool = False
+
+
+@dataclass
+class _Reservation:
+    participant: Participant
+    until: float
+
+
+@dataclass
 class _PresenceDelta:
     joined: dict[str, Participant] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
@@ -141,13 +167,17 @@ class _PresenceDelta:
 class Room:
     """The authoritative state of one room."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, resume_grace_ms: float = RESUME_GRACE_MS) -> None:
         self.name = name
         self.track: Track | None = None
         self.timeline = Timeline()
         self.volume = DEFAULT_VOLUME
         self.version = 0
+        self.settings = RoomSettings()
         self.participants: dict[str, Participant] = {}
+        self.resume_grace_ms = resume_grace_ms
+        self._reserved: dict[str, _Reservation] = {}  # by token
+        self._banned: dict[str, float] = {}  # token -> until
         self._seq = 0
         self._presence = _PresenceDelta()
 
@@ -159,6 +189,20 @@ class Room:
             if p.role == HOST:
                 return p.id
         return None
+
+    @property
+    def host_reserved(self) -> bool:
+        return any(r.participant.role == HOST for r in self._reserved.values())
+
+    def participant_for_token(self, token: str) -> Participant | None:
+        for p in self.participants.values():
+            if p.token is not None and p.token == token:
+                return p
+        return None
+
+    def is_banned(self, token: str, now: float) -> bool:
+        until = self._banned.get(token)
+        return until is not None and now < until
 
     def lead_ms(self) -> float:
         rtts = [p.rtt_ms for p in self.participants.values() if p.rtt_ms is not None]
@@ -178,52 +222,101 @@ class Room:
             "volume": self.volume,
             "rate": self.timeline.rate,
             "version": self.version,
+            "settings": {"listeners_may_upload": self.settings.listeners_may_upload},
         }
 
     def next_deadline(self) -> float | None:
         """Server time at which ``poll`` has work to do, or None."""
-        return self._presence.due_at
+        times = [r.until for r in self._reserved.values()]
+        if self._presence.due_at is not None:
+            times.append(self._presence.due_at)
+        return min(times, default=None)
 
     # -- membership ----------------------------------------------------------
 
-    def join(self, pid: str, name: str, now: float) -> list[Effect]:
+    def join(
+        self, pid: str, name: str, now: float, token: str | None = None, role: str | None = None
+    ) -> list[Effect]:
+        """A new participant. ``role`` (co-host, from an invite) is a floor, not a grant of host."""
         if pid in self.participants:
             raise ValueError(f"participant {pid!r} already in room {self.name!r}")
         self._seq += 1
-        role = HOST if self.host_id is None and not self.participants else LISTENER
-        p = Participant(pid, name, role, self._seq)
+        if self.host_id is None and not self.host_reserved and not self.participants:
+            role = HOST
+        elif role != COHOST:
+            role = LISTENER
+        p = Participant(pid, name, role, self._seq, token=token)
         self.participants[pid] = p
         self._note_joined(p, now)
+        return [self._welcome(p, now)]
+
+    def resume(self, token: str, now: float) -> list[Effect] | None:
+        """Seat a participant again by their token: same id, name and role.
+
+        None when the token names no held seat (expired, unknown or banned);
+        the caller then joins them as someone new. A token whose owner is still
+        connected (a second tab, or a reconnect the server has not noticed the
+        drop of yet) must be released with ``leave`` by the caller first.
+        """
+        reservation = self._reserved.pop(token, None)
+        if reservation is None or self.is_banned(token, now):
+            return None
+        p = reservation.participant  # keeps its seniority (seq) across the blip
+        if p.role == HOST and self.host_id is not None:
+            p.role = LISTENER  # someone claimed it meanwhile
+        self.participants[p.id] = p
+        self._note_joined(p, now)
+        return [self._welcome(p, now)]
+
+    def _welcome(self, p: Participant, now: float) -> Reply:
+        you = p.to_wire()
+        if p.token is not None:
+            you["token"] = p.token
         welcome = {
-            "you": p.to_wire(),
+            "you": you,
             "room": self.state(),
             "room_name": self.name,
             "participants": [q.to_wire() for q in self.participants.values()],
             "server_time": now,
             "lead_ms": self.lead_ms(),
         }
-        return [Reply(pid, "welcome", welcome)]
+        return Reply(p.id, "welcome", welcome)
 
-    def leave(self, pid: str, now: float) -> list[Effect]:
+    def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
+        """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
         p = self.participants.pop(pid)
         self._note_left(pid, now)
-        if p.role == HOST and self.participants:
-            heir = min(self.participants.values(), key=lambda q: q.seq)
-            self._set_role(heir, HOST, now)
+        if hold and p.token is not None and self.resume_grace_ms > 0:
+            self._reserved[p.token] = _Reservation(p, now + self.resume_grace_ms)
+        elif p.role == HOST:
+            self._elect(now)
         return []
 
+    def _elect(self, now: float) -> None:
+        if self.host_id is None and not self.host_reserved and self.participants:
+            heir = min(self.participants.values(), key=lambda q: q.seq)
+            self._set_role(heir, HOST, now)
+
     def poll(self, now: float) -> list[Effect]:
-        """Flush coalesced presence once its window has passed."""
+        """Expire held seats (electing a host if need be), flush coalesced presence."""
+        for token, reservation in list(self._reserved.items()):
+            if now >= reservation.until:
+                del self._reserved[token]
+                if reservation.participant.role == HOST:
+                    self._elect(now)
+        for token, until in list(self._banned.items()):
+            if now >= until:
+                del self._banned[token]
         delta = self._presence
         if delta.due_at is None or now < delta.due_at:
             return []
         self._presence = _PresenceDelta()
         if delta.empty():
             return []
-        left = set(delta.left)
+        left = set(delta.left) - set(delta.joined)  # a resumed seat is back, not gone
         payload = {
-            "joined": [p.to_wire() for p in delta.joined.values() if p.id not in left],
-            "left": delta.left,
+            "joined": [p.to_wire() for p in delta.joined.values()],
+            "left": [pid for pid in delta.left if pid in left],
             "changed": [
                 {"id": pid, "role": role} for pid, role in delta.changed.items() if pid not in left
             ],
@@ -240,7 +333,10 @@ class Room:
         self._schedule_presence(now)
 
     def _note_left(self, pid: str, now: float) -> None:
-        if self._presence.joined.pop(pid, None) is None:
+        # Even a join from this same window is reported as left: whoever got a
+        # welcome in between already knows the participant.
+        self._presence.joined.pop(pid, None)
+        if pid not in self._presence.left:
             self._presence.left.append(pid)
         self._presence.changed.pop(pid, None)
         self._schedule_presence(now)
@@ -261,10 +357,16 @@ class Room:
         sender = self.participants[pid]
         if isinstance(msg, ClaimHost):
             return self._claim(sender, now)
-        if sender.role != HOST:
+        if sender.role not in PLAYBACK_ROLES:
+            return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
+        if isinstance(msg, Kick):
+            return self.kick(pid, msg.id, now)
+        if isinstance(msg, (TransferHost, RoomSettingsUpdate)) and sender.role != HOST:
             return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
         if isinstance(msg, TransferHost):
             return self._transfer(sender, msg.to, now)
+        if isinstance(msg, RoomSettingsUpdate):
+            return self._update_settings(msg)
         if isinstance(msg, SetTrack):
             return self._set_track(sender, msg, now)
         if isinstance(msg, Play):
@@ -282,6 +384,8 @@ class Room:
             return []
         if self.host_id is not None:
             return [Error(sender.id, "host_exists", "the room already has a host")]
+        if self.host_reserved:
+            return [Error(sender.id, "host_exists", "the host is reconnecting")]
         self._set_role(sender, HOST, now)
         return []
 
@@ -291,9 +395,26 @@ class Room:
             return [Error(sender.id, "no_such_participant", "no participant with that id")]
         if target is sender:
             return []
-        self._set_role(sender, LISTENER, now)
+        self._set_role(sender, COHOST if target.role == COHOST else LISTENER, now)
         self._set_role(target, HOST, now)
         return []
+
+    def kick(self, pid: str, target_id: str, now: float) -> list[Effect]:
+        """The host removes ``target_id``; its token may not come back for a while.
+
+        On success the caller must close the target's connection; the returned
+        list then holds a ``Reply(target, "kicked")`` marker.
+        """
+        sender = self.participants[pid]
+        if sender.role != HOST:
+            return [Error(pid, "not_host", "only the host may kick")]
+        target = self.participants.get(target_id)
+        if target is None or target is sender:
+            return [Error(pid, "no_such_participant", "no other participant with that id")]
+        if target.token is not None:
+            self._banned[target.token] = now + KICK_BAN_MS
+        self.leave(target_id, now, hold=False)
+        return [Reply(target_id, "kicked", {})]
 
     def _effective_time(self, now: float, extra_ms: float = 0.0) -> float:
         return max(now + self.lead_ms() + extra_ms, self.timeline.start_at)
@@ -336,6 +457,12 @@ class Room:
     def _seek(self, position: float, now: float) -> list[Effect]:
         at = self._effective_time(now)
         return self._commit(replace(self.timeline, position=self._clamp(position), start_at=at))
+
+    def _update_settings(self, msg: RoomSettingsUpdate) -> list[Effect]:
+        if msg.listeners_may_upload is None:
+            return []
+        self.settings = replace(self.settings, listeners_may_upload=msg.listeners_may_upload)
+        return self._commit()
 
     def _set_volume(self, volume: float) -> list[Effect]:
         if volume == self.volume:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,7 +53,15 @@ async def test_listener_controls_are_refused_and_change_nothing(server: Server) 
         assert state["track"]["url"] == TRACK
 
 
-async def test_transfer_and_host_disconnect_election(server: Server) -> None:
+@pytest.fixture
+async def quick_grace_server(tmp_path: Path) -> AsyncIterator[Server]:
+    """A server whose departed hosts' seats are held for only 0.2 s."""
+    async with open_server(make_settings(tmp_path, resume_grace=0.2)) as srv:
+        yield srv
+
+
+async def test_transfer_and_host_disconnect_election(quick_grace_server: Server) -> None:
+    server = quick_grace_server
     async with connect(server, name="A") as a:
         async with connect(server, name="B") as b, connect(server, name="C") as c:
             await a.send("transfer_host", to=b.id)
@@ -69,7 +79,8 @@ async def test_transfer_and_host_disconnect_election(server: Server) -> None:
         assert state["version"] == 2
 
 
-async def test_host_disconnect_promotes_longest_connected(server: Server) -> None:
+async def test_host_disconnect_promotes_longest_connected(quick_grace_server: Server) -> None:
+    server = quick_grace_server
     async with connect(server, name="B-first") as first, connect(server, name="Host2") as second:
         await first.send("transfer_host", to=second.id)
         await second.expect_presence(lambda m: roles(m).get(second.id) == "host")
@@ -77,6 +88,8 @@ async def test_host_disconnect_promotes_longest_connected(server: Server) -> Non
             await late.expect("presence")
             await second.conn.aclose()
             msg = await late.expect_presence(lambda m: second.id in m["left"])
+            assert roles(msg) == {}  # the seat is held for the resume grace period
+            msg = await late.expect_presence(lambda m: roles(m))
             assert roles(msg) == {first.id: "host"}
 
 
@@ -284,3 +297,79 @@ async def test_healthz_counts(server: Server) -> None:
         assert body["status"] == "ok"
         assert body["connections"] == 3
         assert body["rooms"] == 2
+
+
+async def test_token_resume_keeps_id_name_and_host_role(server: Server) -> None:
+    async with connect(server, name="Host") as host, connect(server, name="L") as listener:
+        token = host.welcome["you"]["token"]
+        assert len(token) >= 22  # 128 bits, url-safe base64
+        assert "token" not in json.dumps(host.welcome["participants"])
+        host_id = host.id
+        await host.conn.aclose()
+        await listener.expect_presence(lambda m: host_id in m["left"])
+        # nobody may grab the role while the host's seat is held
+        await listener.send("claim_host")
+        await listener.expect_error("host_exists")
+        await listener.send("play")
+        await listener.expect_error("not_host")
+        async with connect(server, name="ignored", token=token) as back:
+            assert back.welcome["you"] == {
+                "id": host_id,
+                "name": "Host",
+                "role": "host",
+                "token": token,
+            }
+            await back.send("set_track", url=TRACK)
+            await listener.expect_state(version=1)
+
+
+async def test_unknown_token_joins_as_someone_new(server: Server) -> None:
+    async with connect(server, name="H"), connect(server, name="X", token="guessed") as x:
+        assert x.welcome["you"]["role"] == "listener"
+        assert x.welcome["you"]["token"] != "guessed"
+
+
+async def test_second_tab_with_same_token_replaces_the_first(server: Server) -> None:
+    async with connect(server, name="H") as first:
+        token = first.welcome["you"]["token"]
+        async with connect(server, name="H2", token=token) as second:
+            assert second.id == first.id
+            assert second.welcome["you"]["role"] == "host"
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                while True:
+                    await first.conn.get_message()
+            assert info.value.reason.code == 4409
+            await second.send("play")
+            await second.expect_state(paused=False)
+
+
+async def test_kick_closes_4403_and_bans_the_token(server: Server) -> None:
+    async with connect(server, name="H") as host, connect(server, name="Pest") as pest:
+        token = pest.welcome["you"]["token"]
+        await pest.send("kick", id=host.id)
+        await pest.expect_error("not_host")
+        await host.send("kick", id=pest.id)
+        await pest.expect_error("kicked")
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            await pest.conn.get_message()
+        assert info.value.reason.code == 4403
+        await host.expect_presence(lambda m: pest.id in m["left"])
+        async with open_ws(server.ws_url(token=token)) as again:
+            frame = json.loads(await again.get_message())
+            assert frame["code"] == "kicked"
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                await again.get_message()
+            assert info.value.reason.code == 4403
+
+
+async def test_room_settings_are_host_only_and_broadcast(server: Server) -> None:
+    async with connect(server, name="H") as host, connect(server, name="L") as listener:
+        await listener.send("room_settings", listeners_may_upload=True)
+        await listener.expect_error("not_host")
+        await host.send("room_settings", listeners_may_upload=True)
+        state = await listener.expect_state(version=1)
+        assert state["settings"] == {"listeners_may_upload": True}
+        hub = server.hub
+        participant = hub.participant_for_token("main", listener.welcome["you"]["token"])
+        assert participant is not None and hub.may_upload("main", participant)
+        assert hub.participant_for_token("main", "nope") is None
