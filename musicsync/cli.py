@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -15,38 +19,117 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_PORT, Settings, default_data_dir
+from .config import (
+    CONFIG_ENV,
+    OPTIONS,
+    ConfigError,
+    Option,
+    Settings,
+    default_value,
+    resolve_settings,
+)
+from .lan import Urls, startup_banner
+from .logs import configure_logging
 
 log = logging.getLogger(__name__)
+
+SERVE_EPILOG = f"""\
+Every option can also be set by an environment variable (shown in brackets)
+and by a key of a TOML file given with --config or {CONFIG_ENV} (the option's
+name with dashes as underscores, e.g. max_connections_per_ip = 16). A flag beats
+the environment, which beats the file, which beats the default.
+
+  musicsync serve --host 0.0.0.0 --certfile cert.pem --keyfile key.pem
+  MUSICSYNC_PORT=9000 musicsync serve --config /etc/musicsync.toml
+"""
+
+
+def _help(option: Option) -> str:
+    text = option.help
+    if "default" not in text:
+        default = default_value(option)
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        text += f" (default: {'none' if default is None else default})"
+    return f"{text} [{option.env}]".replace("%", "%%")
+
+
+def _argparse_type(option: Option) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    convert.__name__ = option.name  # argparse names it in "invalid <name> value"
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicsync", description=__doc__)
     parser.add_argument("--version", action="version", version=f"musicsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the server", description="Run the musicsync server.")
-    s.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 picks a free one)")
-    s.add_argument(
-        "--media",
-        type=Path,
-        default=default_data_dir() / "media",
-        help="directory of tracks served under /media/ (default %(default)s)",
+    s = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the musicsync server.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--no-demo", action="store_true", help="do not generate the demo tracks")
-    s.add_argument("--max-connections-per-ip", type=int, default=Settings.max_connections_per_ip)
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"TOML file of settings [{CONFIG_ENV}]",
+    )
+    for option in OPTIONS:
+        if option.kind == "bool":
+            s.add_argument(
+                option.flag,
+                dest=option.field,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=_help(option),
+            )
+        else:
+            s.add_argument(
+                option.flag,
+                dest=option.field,
+                type=_argparse_type(option),
+                choices=option.choices,
+                metavar=option.metavar or (None if option.choices else option.kind.upper()),
+                default=argparse.SUPPRESS,
+                help=_help(option),
+            )
     return parser
+
+
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings for parsed ``serve`` arguments: flag > environment > TOML file > default."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config_file: Path | None = getattr(args, "config", None)
+    return resolve_settings(flags, os.environ if environ is None else environ, config_file)
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    config.bind = [_bind(settings.host, settings.port)]
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval
+    config.graceful_timeout = settings.shutdown_grace
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()
+    if settings.certfile is not None and settings.keyfile is not None:
+        config.certfile = str(settings.certfile)
+        config.keyfile = str(settings.keyfile)
     return config
 
 
@@ -56,7 +139,12 @@ async def run_server(
     *,
     task_status: trio.TaskStatus[tuple[list[str], QuartTrio]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set; reports the bound URLs and the app."""
+    """Serve until ``shutdown`` is set; reports the bound URLs and the app.
+
+    When ``shutdown`` is set, clients are first told to reconnect (close 1001)
+    and given up to ``settings.shutdown_grace`` to receive it; then Hypercorn
+    stops.
+    """
     from .app import create_app
 
     app = create_app(settings)
@@ -64,6 +152,9 @@ async def run_server(
 
     async def wait_for_shutdown() -> None:
         await shutdown.wait()
+        hub = app.extensions.get("musicsync_hub")
+        if hub is not None:
+            await hub.shutdown()
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=wait_for_shutdown))
@@ -78,23 +169,35 @@ async def serve_until_signalled(settings: Settings) -> None:
             binds, _app = await nursery.start(run_server, settings, shutdown)
             for bind in binds:
                 print(f"musicsync listening on {bind}", flush=True)
+            port = urlsplit(binds[0]).port or settings.port
+            urls = Urls.for_bind(settings.host, port, tls=settings.tls)
+            banner = startup_banner(urls, public_url=settings.public_url, qr=settings.print_qr)
+            print(banner, end="", flush=True)
+            log.info(
+                "listening",
+                extra={"url": urls.local, "lan_url": urls.lan, "version": __version__},
+            )
             async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
+                log.info(
+                    "shutting down: telling clients to reconnect",
+                    extra={"signal": signal.Signals(signum).name},
+                )
                 shutdown.set()
                 break
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = Settings(
-        host=args.host,
-        port=args.port,
-        media_dir=args.media,
-        demo_tracks=not args.no_demo,
-        max_connections_per_ip=args.max_connections_per_ip,
-        log_level=args.log_level,
-    )
-
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    for path in (settings.certfile, settings.keyfile):
+        if path is not None and not path.is_file():
+            parser.error(f"no such file: {path}")
+    configure_logging(settings.log_level, settings.log_format)
     trio.run(serve_until_signalled, settings)
     return 0
 
