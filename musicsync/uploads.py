@@ -1,0 +1,363 @@
+"""``POST /api/upload``: a multipart audio upload streamed to disk, checked, then published.
+
+The request body is read chunk by chunk and parsed incrementally (Werkzeug's
+sans-IO multipart decoder); the file part goes straight into a temporary file
+in the media directory's hidden ``.uploads/`` folder, so an upload is never held
+whole in memory. Its type comes from its first bytes (``magic.sniff``), and the
+upload is refused with 415 as soon as they show it is not audio. A complete file
+is then parsed (``magic.verify``); only if that passes is it moved into the
+library under a generated name, with one atomic link or rename. Any failure,
+including the client going away, deletes the temporary file.
+
+Quart collects a request body in memory for as long as the handler does not
+read it, and its reader never waits. ``FlowHTTPConnection`` and ``FlowBody``
+add back-pressure: once a handler starts iterating over the body, at most
+``BODY_HIGH_WATER`` bytes wait in memory, and the socket is not read beyond that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable
+from quart import Request
+from quart_trio.asgi import TrioASGIHTTPConnection
+from quart_trio.wrappers.request import TrioBody, TrioRequest
+from werkzeug.exceptions import HTTPException
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from . import magic
+from .hub import Hub
+from .library import UPLOADS_DIR, Library, LibraryTrack, Tags, clean_text, describe
+from .urls import is_valid_room_name
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+UPLOAD_FIELD = "file"
+TOKEN_HEADER = "X-Musicsync-Token"
+# Room for the multipart boundaries and part headers around the file itself.
+MULTIPART_SLACK = 64 * KiB
+# Most bytes the multipart decoder may hold while it looks for a boundary or
+# the end of a part's headers.
+DECODER_BUFFER_MAX = MiB
+FEED_BYTES = 256 * KiB
+BODY_HIGH_WATER = MiB
+# An upload that sends nothing for this long is dropped (408).
+UPLOAD_IDLE_TIMEOUT = 30.0
+# After a refusal, read and discard at most this much of the rest of the body,
+# so that the client, which is still sending, gets to read the answer.
+DRAIN_MAX_BYTES = 16 * MiB
+DRAIN_SECONDS = 5.0
+MAX_SLUG_CHARS = 48
+MAX_ORIGINAL_NAME_CHARS = 200
+PUBLISH_ATTEMPTS = 8
+
+
+def max_request_bytes(upload_max_bytes: int) -> int:
+    """Quart's MAX_CONTENT_LENGTH for a given upload cap: the cap plus multipart framing."""
+    return upload_max_bytes + MULTIPART_SLACK
+
+
+# -- back-pressure ------------------------------------------------------------
+
+
+class FlowBody(TrioBody):
+    """A request body whose reader waits while too much is buffered, once it is streamed."""
+
+    def __init__(self, expected_content_length: int | None, max_content_length: int | None):
+        super().__init__(expected_content_length, max_content_length)
+        self._streaming = False
+        self._room = trio.Event()
+
+    async def __anext__(self) -> bytes:
+        self._streaming = True
+        try:
+            return await super().__anext__()
+        finally:
+            self._room.set()
+
+    async def wait_for_room(self) -> None:
+        """Wait while a streaming reader has ``BODY_HIGH_WATER`` bytes still to read."""
+        while self._streaming and len(self._data) >= BODY_HIGH_WATER:
+            self._room = trio.Event()
+            await self._room.wait()
+
+
+class FlowRequest(TrioRequest):
+    body_class = FlowBody
+
+
+class FlowHTTPConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, but the body reader honours ``FlowBody``."""
+
+    async def handle_messages(  # type: ignore[override]  # as Quart-Trio's own
+        self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
+    ) -> None:
+        body = request.body
+        while True:
+            message = await receive()
+            if message["type"] == "http.request":
+                if isinstance(body, FlowBody):
+                    await body.wait_for_room()
+                body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body.set_complete()
+            elif message["type"] == "http.disconnect":
+                break
+        nursery.cancel_scope.cancel()
+
+
+# -- names --------------------------------------------------------------------
+
+
+def slugify(name: str) -> str:
+    """An ASCII slug of a file name's stem: ``[a-z0-9-]``, never empty, never hidden."""
+    base = re.split(r"[/\\]", name)[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base.strip(".") else base
+    ascii_text = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:MAX_SLUG_CHARS].strip("-") or "track"
+
+
+def original_title(filename: str | None) -> str | None:
+    """The uploaded file's own name, without directories or extension, fit for display."""
+    if not filename:
+        return None
+    base = re.split(r"[/\\]", filename)[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base.strip(".") else base
+    return clean_text(stem.replace("_", " "), MAX_ORIGINAL_NAME_CHARS)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _too_large(max_bytes: int) -> UploadError:
+    return UploadError(413, "too_large", f"the file is larger than {max_bytes} bytes")
+
+
+# -- the upload ---------------------------------------------------------------
+
+
+@dataclass
+class _Upload:
+    """The one file part of a multipart body, as it streams in."""
+
+    staging: Path
+    max_bytes: int
+    part: Path | None = None
+    file: Any = None  # trio's async file wrapper
+    filename: str | None = None
+    kind: magic.AudioType | None = None
+    head: bytearray | None = None
+    size: int = 0
+    complete: bool = False
+
+    async def start(self, filename: str) -> None:
+        if self.part is not None:
+            raise UploadError(400, "bad_request", "send exactly one file per upload")
+        self.filename = filename
+        self.part = self.staging / f"{secrets.token_hex(12)}.part"
+        self.file = await trio.open_file(self.part, "xb")
+        self.head = bytearray()
+
+    async def feed(self, data: bytes, more: bool) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            raise _too_large(self.max_bytes)
+        if self.head is not None:  # still sniffing
+            self.head += data
+            if len(self.head) < magic.SNIFF_BYTES and more:
+                return
+            head, self.head = bytes(self.head), None
+            self.kind = magic.sniff(head)
+            if self.kind is None:
+                raise UploadError(415, "not_audio", "the file is not audio of a supported type")
+            data = head
+        if data:
+            await self.file.write(data)
+        if not more:
+            self.complete = True
+
+    async def close(self) -> None:
+        if self.file is not None:
+            file, self.file = self.file, None
+            with trio.CancelScope(shield=True):
+                await file.aclose()
+
+    def discard(self) -> None:
+        if self.part is not None:
+            with contextlib.suppress(OSError):
+                self.part.unlink()
+            self.part = None
+
+
+async def _next_chunk(body: Any) -> bytes | None:
+    with trio.move_on_after(UPLOAD_IDLE_TIMEOUT) as scope:
+        try:
+            return await body.__anext__()  # type: ignore[no-any-return]
+        except StopAsyncIteration:
+            return None
+    assert scope.cancelled_caught
+    raise UploadError(408, "timeout", f"nothing received for {UPLOAD_IDLE_TIMEOUT:g} s")
+
+
+async def _receive(request: Request, upload: _Upload, boundary: bytes) -> None:
+    decoder = MultipartDecoder(boundary, DECODER_BUFFER_MAX, max_parts=16)
+    in_file = False
+    body = request.body.__aiter__()
+    while True:
+        chunk = await _next_chunk(body)
+        slices = (
+            [None]
+            if chunk is None
+            else [chunk[i : i + FEED_BYTES] for i in range(0, len(chunk), FEED_BYTES)]
+        )
+        for piece in slices:
+            decoder.receive_data(piece)
+            while True:
+                event = decoder.next_event()
+                if isinstance(event, NeedData):
+                    break
+                if isinstance(event, Epilogue):
+                    return
+                if isinstance(event, File) and event.name == UPLOAD_FIELD:
+                    await upload.start(event.filename)
+                    in_file = True
+                elif isinstance(event, (File, Field)):
+                    in_file = False  # another field: its data is skipped
+                elif isinstance(event, Data) and in_file:
+                    await upload.feed(event.data, event.more_data)
+        if chunk is None:
+            return
+
+
+def _publish(part: Path, media_dir: Path, slug: str, ext: str) -> str:
+    """Move ``part`` into ``media_dir`` under a new generated name; the name (blocking)."""
+    with part.open("rb") as f:
+        os.fsync(f.fileno())
+    for _ in range(PUBLISH_ATTEMPTS):
+        name = f"{slug}-{secrets.token_hex(4)}{ext}"
+        final = media_dir / name
+        try:
+            os.link(part, final)  # fails if the name is taken: never overwrites
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            if final.exists():
+                continue
+            os.replace(part, final)
+            return name
+        part.unlink()
+        return name
+    raise OSError("no free file name")
+
+
+async def _drain(request: Request, remaining_hint: int | None) -> None:
+    """Read and drop what is left of the body, within limits, so the client sees the answer."""
+    if remaining_hint is not None and remaining_hint > DRAIN_MAX_BYTES:
+        return
+    drained = 0
+    with trio.move_on_after(DRAIN_SECONDS), contextlib.suppress(HTTPException):
+        async for chunk in request.body:
+            drained += len(chunk)
+            if drained > DRAIN_MAX_BYTES:
+                return
+
+
+def _authorize(request: Request, hub: Hub) -> str:
+    room = request.args.get("room", "")
+    if not is_valid_room_name(room):
+        raise UploadError(400, "bad_room", "give the room as ?room=<name>")
+    token = request.headers.get(TOKEN_HEADER, "")
+    participant = hub.participant_for_token(room, token) if token else None
+    if participant is None:
+        raise UploadError(401, "unauthorized", f"send your participant token in {TOKEN_HEADER}")
+    if not hub.may_upload(room, participant):
+        raise UploadError(403, "forbidden", "only the host may upload in this room")
+    return room
+
+
+async def store_upload(
+    request: Request, hub: Hub, library: Library, max_bytes: int
+) -> LibraryTrack:
+    """Authorize, receive, check and publish one upload; raises UploadError."""
+    room = _authorize(request, hub)
+    length = request.content_length
+    if length is not None and length > max_request_bytes(max_bytes):
+        raise _too_large(max_bytes)
+    boundary = request.mimetype_params.get("boundary", "")
+    if request.mimetype != "multipart/form-data" or not boundary:
+        raise UploadError(400, "bad_request", "send multipart/form-data with a 'file' field")
+    media_dir = library.root
+    staging = media_dir / UPLOADS_DIR
+    await trio.Path(staging).mkdir(parents=True, exist_ok=True)
+    upload = _Upload(staging, max_bytes)
+    try:
+        try:
+            await _receive(request, upload, boundary.encode("latin-1"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UploadError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+        except HTTPException as exc:  # the decoder's own buffer limit, Quart's length limit
+            if exc.code == 413:
+                raise _too_large(max_bytes) from exc
+            raise UploadError(400, "bad_request", "malformed multipart body") from exc
+        finally:
+            await upload.close()
+        if upload.part is None:
+            raise UploadError(400, "bad_request", f"no '{UPLOAD_FIELD}' file in the upload")
+        if not upload.complete:
+            raise UploadError(400, "bad_request", "the file part ended early")
+        kind = upload.kind
+        if kind is None:  # shorter than SNIFF_BYTES and never sniffed: feed() ends sniffing
+            raise UploadError(415, "not_audio", "the file is empty")
+        try:
+            tag = await trio.to_thread.run_sync(magic.verify, upload.part, kind)
+        except magic.NotAudio as exc:
+            raise UploadError(415, "unreadable_audio", str(exc)) from exc
+        title = original_title(upload.filename)
+        slug = slugify(upload.filename or "")
+        name = await trio.to_thread.run_sync(_publish, upload.part, media_dir, slug, kind.ext)
+        upload.part = None
+    finally:
+        upload.discard()
+    library.invalidate()
+    if title:
+        await trio.to_thread.run_sync(library.remember_title, name, title)
+    log.info("upload to room %s stored as %s (%d bytes)", room, name, upload.size)
+    return describe(name, upload.size, Tags.from_tinytag(tag), title)
+
+
+async def handle_upload(
+    request: Request, hub: Hub, library: Library, max_bytes: int
+) -> tuple[dict[str, Any], int]:
+    """The whole endpoint: a JSON body and a status."""
+    try:
+        track = await store_upload(request, hub, library, max_bytes)
+    except UploadError as exc:
+        if exc.status != 408:  # a stalled client would stall the drain too
+            await _drain(request, request.content_length)
+        return {"error": exc.code, "message": exc.message}, exc.status
+    return {"track": track.to_json()}, 201
