@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from quart import Response, abort, jsonify, request, send_file, websocket
@@ -161,18 +161,26 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         name = sanitize_display_name(websocket.args.get("name"))
         try:
             h.join(room_name, client, name, resume_token=token)
-            await serve_client(h, room_name, client)
+            await serve_client(h, room_name, client, websocket)
         finally:
             h.leave(room_name, client)
 
     return app
 
 
-async def serve_client(hub: Hub, room_name: str, client: Client) -> None:
+class Transport(Protocol):
+    """What the per-client tasks need of a WebSocket (Quart's ``websocket`` fits)."""
+
+    async def receive(self) -> str | bytes: ...
+    async def send(self, data: str) -> None: ...
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+async def serve_client(hub: Hub, room_name: str, client: Client, ws: Transport) -> None:
     """One nursery per client: reader, writer and heartbeat; any exit ends all three."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_run_then_cancel, nursery, _reader(hub, room_name, client))
-        nursery.start_soon(_run_then_cancel, nursery, _writer(hub, client))
+        nursery.start_soon(_run_then_cancel, nursery, _reader(hub, room_name, client, ws))
+        nursery.start_soon(_run_then_cancel, nursery, _writer(hub, client, ws))
         nursery.start_soon(_run_then_cancel, nursery, _heartbeat(hub, client))
 
 
@@ -183,12 +191,12 @@ async def _run_then_cancel(nursery: trio.Nursery, coro: Any) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _reader(hub: Hub, room_name: str, client: Client) -> None:
+async def _reader(hub: Hub, room_name: str, client: Client, ws: Transport) -> None:
     control = RateLimiter.for_control()
     pings = RateLimiter.for_ping()
     max_frame = hub.settings.max_frame_bytes
     while True:
-        raw = await websocket.receive()
+        raw = await ws.receive()
         if client.close_code is not None:
             # The writer is flushing and will send the close frame, then end the
             # nursery. Keep draining (and discarding) so the close handshake
@@ -234,19 +242,19 @@ def _limited(hub: Hub, client: Client, verdict: Verdict) -> bool:
     return True
 
 
-async def _writer(hub: Hub, client: Client) -> None:
+async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
     while True:
         item = client.outbox.pop()
         if item is None:
             if client.close_code is not None:
                 with trio.move_on_after(CLOSE_WRITE_TIMEOUT):
-                    await websocket.close(client.close_code, client.close_reason)
+                    await ws.close(client.close_code, client.close_reason)
                 return
             await client.wait_for_frames()
             continue
         frame = hub.encode_pong(item) if isinstance(item, PendingPong) else item
         with trio.move_on_after(hub.settings.send_timeout) as scope:
-            await websocket.send(frame)
+            await ws.send(frame)
         if scope.cancelled_caught:
             client.fail(CLOSE_SLOW, "slow consumer")
             log.info("dropping slow client %s", client.id)

@@ -30,6 +30,7 @@ from .config import (
 )
 from .lan import Urls, startup_banner
 from .logs import configure_logging
+from .sockets import StuckPeerConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def _bind(host: str, port: int) -> str:
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
+    config = StuckPeerConfig()
+    config.user_timeout = settings.send_timeout
     config.bind = [_bind(settings.host, settings.port)]
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval
