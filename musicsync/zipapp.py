@@ -229,15 +229,17 @@ def smoke(pyz: Path, *, base_python: str | None = None, timeout: float = 60) -> 
             check=True,
         ).stdout.strip()
         started = time.monotonic()
-        with (root / "stderr.log").open("w") as errlog:
-            proc = subprocess.Popen(
+        with (
+            (root / "stderr.log").open("w") as errlog,
+            subprocess.Popen(
                 [str(python), str(pyz), "serve", "--port", "0", "--no-qr"],
                 stdout=subprocess.PIPE,
                 stderr=errlog,
                 text=True,
                 env=env,
                 cwd=root,
-            )
+            ) as proc,
+        ):
             try:
                 assert proc.stdout is not None
                 base = _read_listen_url(proc.stdout, started + timeout)
