@@ -45,5 +45,10 @@ bench-sync *ARGS:
 zipapp:
     {{python}} -m musicsync.zipapp dist/musicsync.pyz
 
+# build the zipapp, then run it under a Python with no packages: fetch /, a demo
+# track and /metrics, open a WebSocket, SIGTERM it (expects close 1001, exit 0)
+zipapp-smoke: zipapp
+    {{python}} -m musicsync.zipapp --smoke dist/musicsync.pyz
+
 # what CI runs
-ci: lint test
+ci: lint test zipapp-smoke

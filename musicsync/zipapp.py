@@ -130,6 +130,7 @@ def build(out: Path, *, pip_args: tuple[str, ...] = ()) -> Path:
             "--disable-pip-version-check",
             "--no-compile",
             "--no-warn-script-location",
+            "--root-user-action=ignore",
             "--target",
             str(stage),
             "--python-version",
