@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.middleware import ProxyFixMiddleware
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
@@ -158,8 +159,13 @@ async def run_server(
         if hub is not None:
             await hub.shutdown()
 
+    asgi: Any = app
+    if settings.proxy_hops:
+        asgi = ProxyFixMiddleware(app, mode="legacy", trusted_hops=settings.proxy_hops)
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=wait_for_shutdown))
+        binds = await nursery.start(
+            partial(serve, asgi, config, shutdown_trigger=wait_for_shutdown)
+        )
         task_status.started((binds, app))
 
 

@@ -68,6 +68,8 @@ class Settings:
     keyfile: Path | None = None
     public_url: str | None = None
     print_qr: bool = True
+    # Reverse proxies in front whose X-Forwarded-For/-Proto/-Host are trusted.
+    proxy_hops: int = 0
     shutdown_grace: float = SHUTDOWN_GRACE
     upload_max_bytes: int = UPLOAD_MAX_BYTES
 
@@ -243,6 +245,15 @@ OPTIONS: tuple[Option, ...] = (
         choices=LOG_FORMATS,
     ),
     Option("qr", "print_qr", _parse_bool, "print a QR code of the LAN URL at start", "bool"),
+    Option(
+        "proxy-hops",
+        "proxy_hops",
+        _int_between(0, 10),
+        "reverse proxies in front whose X-Forwarded-For/-Proto/-Host to trust (1 behind"
+        " Caddy or nginx, so per-address limits see the real client)",
+        "int",
+        "N",
+    ),
     Option(
         "max-connections-per-ip",
         "max_connections_per_ip",

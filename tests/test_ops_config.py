@@ -87,6 +87,7 @@ def test_every_option_from_each_source(tmp_path: Path) -> None:
         "log-level": ("warning", "warning", "warning"),
         "log-format": ("json", "json", "json"),
         "qr": ("no", False, False),
+        "proxy-hops": ("1", 1, 1),
         "max-connections-per-ip": ("3", 3, 3),
         "heartbeat-timeout": ("12.5", 12.5, 12.5),
         "send-timeout": ("4", 4, 4.0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -9,10 +10,11 @@ from urllib.parse import parse_qs, quote, urlsplit
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from musicsync.lan import Urls, origin_of, qr_svg, startup_banner
 
-from .conftest import Server, connect, make_settings, open_server
+from .conftest import Server, connect, make_settings, open_server, open_ws
 
 TRACK = "/media/song.mp3"
 
@@ -171,6 +173,33 @@ async def test_share_on_a_lan_bind_and_behind_a_proxy(tmp_path: Path) -> None:
         assert (await get(local + "/api/qr.svg", url=target)).status_code == 200
         if lan:
             assert (await get(local + "/api/qr.svg", url=lan + "/r/x")).status_code == 200
+
+
+async def test_behind_a_trusted_proxy_forwarded_headers_count(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, proxy_hops=1, max_connections_per_ip=1)
+    async with open_server(settings) as srv:
+        forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "music.example"}
+        body = await trio.to_thread.run_sync(
+            lambda: httpx.get(srv.http + "/api/share?room=x", headers=forwarded).json()
+        )
+        assert body["url"] == "https://music.example/r/x"
+
+        def via(chain: str) -> list[tuple[bytes, bytes]]:
+            return [(b"X-Forwarded-For", chain.encode())]
+
+        # One connection per address: the proxy's own address does not count, and
+        # only the hop the proxy appended is believed (not what the client claims).
+        async with (
+            open_ws(srv.ws_url(), extra_headers=via("10.0.0.1")) as a,
+            open_ws(srv.ws_url(), extra_headers=via("10.0.0.2")) as b,
+        ):
+            for conn in (a, b):
+                with trio.fail_after(5):
+                    assert json.loads(await conn.get_message())["type"] == "welcome"
+            async with open_ws(srv.ws_url(), extra_headers=via("6.6.6.6, 10.0.0.1")) as c:
+                with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                    await c.get_message()
+                assert info.value.reason.code == 4429
 
 
 async def test_share_refuses_bad_room_names(server: Server) -> None:
