@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,7 @@ from .clock import ServerClock
 from .config import Settings
 from .metrics import Metrics
 from .outbox import Outbox, OutboxOverflow, PendingPong
-from .protocol import ClientMessage, encode, error_frame
+from .protocol import ClientMessage, QueueAdd, encode, error_frame
 from .room import (
     PLAYBACK_ROLES,
     BroadcastPresence,
@@ -25,6 +27,7 @@ from .room import (
     Participant,
     Reply,
     Room,
+    Track,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,7 @@ class Hub:
         self.clock = clock
         self._nursery: trio.Nursery | None = None
         self.rooms: dict[str, RoomEntry] = {}
+        self.track_lookup: Callable[[str], Track | None] | None = None
         self.per_ip: Counter[str] = Counter()
         self.stats = HubStats()
         self.metrics = Metrics(self)
@@ -239,7 +243,20 @@ class Hub:
 
     def handle(self, room_name: str, client: Client, msg: ClientMessage) -> None:
         entry = self.rooms[room_name]
+        if isinstance(msg, QueueAdd) and msg.track_id is not None and msg.url is None:
+            msg = self._resolve_queue_add(msg)
         self._apply(entry, entry.room.handle(client.id, msg, self.clock.now_ms()))
+
+    def _resolve_queue_add(self, msg: QueueAdd) -> QueueAdd:
+        track = self.resolve_track(msg.track_id or "")
+        if track is None:
+            return msg  # the room answers no_such_track
+        title = msg.title or track.title
+        return dataclasses.replace(msg, url=track.url, title=title, duration=track.duration)
+
+    def resolve_track(self, track_id: str) -> Track | None:
+        """A library track by id; the app installs the library's lookup here."""
+        return self.track_lookup(track_id) if self.track_lookup is not None else None
 
     def note_rtt(self, room_name: str, client: Client, rtt_ms: float) -> None:
         self.rooms[room_name].room.note_rtt(client.id, rtt_ms)

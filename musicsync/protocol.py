@@ -164,6 +164,63 @@ class RoomSettingsUpdate:
     listeners_may_upload: bool | None = _f(_optional(_boolean), None)
 
 
+def _choice(*options: str) -> Any:
+    def check(value: Any, name: str) -> str:
+        if value not in options:
+            raise ProtocolError("bad_message", f"field {name!r} must be one of {list(options)}")
+        return str(value)
+
+    return check
+
+
+def _index(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1_000_000:
+        raise ProtocolError("bad_message", f"field {name!r} must be a whole number >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class QueueAdd:
+    """Add a track by URL or by library id; ``next`` puts it at the front."""
+
+    TYPE: ClassVar[str] = "queue_add"
+    CONTROL: ClassVar[bool] = True
+    url: str | None = _f(_optional(_string(4096)), None)
+    track_id: str | None = _f(_optional(_string(MAX_ID_LENGTH)), None)
+    title: str | None = _f(_optional(_string(MAX_TITLE_LENGTH)), None)
+    duration: float | None = _f(_optional(_nonneg), None)
+    next: bool = _f(_boolean, False)
+
+
+@dataclass(frozen=True)
+class QueueRemove:
+    TYPE: ClassVar[str] = "queue_remove"
+    CONTROL: ClassVar[bool] = True
+    item: str = _f(_string(MAX_ID_LENGTH))
+
+
+@dataclass(frozen=True)
+class QueueMove:
+    TYPE: ClassVar[str] = "queue_move"
+    CONTROL: ClassVar[bool] = True
+    item: str = _f(_string(MAX_ID_LENGTH))
+    index: int = _f(_index)
+
+
+@dataclass(frozen=True)
+class QueueNext:
+    TYPE: ClassVar[str] = "queue_next"
+    CONTROL: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class QueueMode:
+    TYPE: ClassVar[str] = "queue_mode"
+    CONTROL: ClassVar[bool] = True
+    repeat: str | None = _f(_optional(_choice("off", "one", "all")), None)
+    shuffle: bool | None = _f(_optional(_boolean), None)
+
+
 @dataclass(frozen=True)
 class Ping:
     TYPE: ClassVar[str] = "ping"
@@ -203,6 +260,11 @@ ClientMessage = (
     | TransferHost
     | Kick
     | RoomSettingsUpdate
+    | QueueAdd
+    | QueueRemove
+    | QueueMove
+    | QueueNext
+    | QueueMode
     | Ping
     | Report
 )
@@ -219,6 +281,11 @@ CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
         TransferHost,
         Kick,
         RoomSettingsUpdate,
+        QueueAdd,
+        QueueRemove,
+        QueueMove,
+        QueueNext,
+        QueueMode,
         Ping,
         Report,
     )

@@ -25,6 +25,7 @@ caller broke this module's contract, e.g. an unknown participant id) raises.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +35,11 @@ from .protocol import (
     Kick,
     Pause,
     Play,
+    QueueAdd,
+    QueueMode,
+    QueueMove,
+    QueueNext,
+    QueueRemove,
     RoomSettingsUpdate,
     Seek,
     SetTrack,
@@ -50,6 +56,10 @@ LEAD_MARGIN_MS = 50.0
 # can fetch and decode it before the scheduled start.
 TRACK_PRELOAD_LEAD_MS = 1000.0
 PRESENCE_COALESCE_MS = 50.0
+# The state that switches to the next queued track goes out this long before
+# the current one ends, so every client has it (and the track) in time.
+ADVANCE_NOTICE_MS = 4000.0
+MAX_QUEUE_ITEMS = 500
 MS_PER_SECOND = 1000.0
 DEFAULT_VOLUME = 1.0
 
@@ -142,6 +152,16 @@ class BroadcastPresence:
 Effect = Reply | Error | BroadcastState | BroadcastPresence
 
 
+@dataclass(frozen=True)
+class QueueItem:
+    id: str
+    track: Track
+    added_by: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, **self.track.to_wire(), "added_by": self.added_by}
+
+
 @dataclass
 class RoomSettings:
     listeners_may_upload: bool = False
@@ -167,8 +187,18 @@ class _PresenceDelta:
 class Room:
     """The authoritative state of one room."""
 
-    def __init__(self, name: str, resume_grace_ms: float = RESUME_GRACE_MS) -> None:
+    def __init__(
+        self,
+        name: str,
+        resume_grace_ms: float = RESUME_GRACE_MS,
+        rng: random.Random | None = None,
+    ) -> None:
         self.name = name
+        self.queue: list[QueueItem] = []
+        self.repeat = "off"  # off | one | all
+        self.shuffle = False
+        self._rng = rng or random.Random()
+        self._queue_seq = 0
         self.track: Track | None = None
         self.timeline = Timeline()
         self.volume = DEFAULT_VOLUME
@@ -223,13 +253,34 @@ class Room:
             "rate": self.timeline.rate,
             "version": self.version,
             "settings": {"listeners_may_upload": self.settings.listeners_may_upload},
+            "queue": [item.to_wire() for item in self.queue],
+            "repeat": self.repeat,
+            "shuffle": self.shuffle,
         }
+
+    def track_end_at(self) -> float | None:
+        """Server time at which the current track runs out, if playing with a known length."""
+        t = self.timeline
+        if self.track is None or self.track.duration is None or t.paused:
+            return None
+        return t.start_at + max(0.0, self.track.duration - t.position) * MS_PER_SECOND / t.rate
+
+    def _advance_due_at(self) -> float | None:
+        end = self.track_end_at()
+        if end is None:
+            return None
+        if self.queue or self.repeat != "off":
+            return end - ADVANCE_NOTICE_MS
+        return end  # nothing follows: settle into "paused at the end" then
 
     def next_deadline(self) -> float | None:
         """Server time at which ``poll`` has work to do, or None."""
         times = [r.until for r in self._reserved.values()]
         if self._presence.due_at is not None:
             times.append(self._presence.due_at)
+        advance = self._advance_due_at()
+        if advance is not None:
+            times.append(advance)
         return min(times, default=None)
 
     # -- membership ----------------------------------------------------------
@@ -298,7 +349,8 @@ class Room:
             self._set_role(heir, HOST, now)
 
     def poll(self, now: float) -> list[Effect]:
-        """Expire held seats (electing a host if need be), flush coalesced presence."""
+        """Advance the queue, expire held seats, flush coalesced presence."""
+        effects = self._maybe_advance(now)
         for token, reservation in list(self._reserved.items()):
             if now >= reservation.until:
                 del self._reserved[token]
@@ -309,10 +361,10 @@ class Room:
                 del self._banned[token]
         delta = self._presence
         if delta.due_at is None or now < delta.due_at:
-            return []
+            return effects
         self._presence = _PresenceDelta()
         if delta.empty():
-            return []
+            return effects
         left = set(delta.left) - set(delta.joined)  # a resumed seat is back, not gone
         payload = {
             "joined": [p.to_wire() for p in delta.joined.values()],
@@ -322,7 +374,7 @@ class Room:
             ],
             "count": len(self.participants),
         }
-        return [BroadcastPresence(payload)]
+        return [*effects, BroadcastPresence(payload)]
 
     def _schedule_presence(self, now: float) -> None:
         if self._presence.due_at is None:
@@ -357,6 +409,10 @@ class Room:
         sender = self.participants[pid]
         if isinstance(msg, ClaimHost):
             return self._claim(sender, now)
+        if isinstance(msg, QueueAdd) and (
+            sender.role in PLAYBACK_ROLES or self.settings.listeners_may_upload
+        ):
+            return self.queue_add(sender, msg, now)
         if sender.role not in PLAYBACK_ROLES:
             return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
         if isinstance(msg, Kick):
@@ -377,6 +433,14 @@ class Room:
             return self._seek(msg.position, now)
         if isinstance(msg, Volume):
             return self._set_volume(msg.volume)
+        if isinstance(msg, QueueRemove):
+            return self._queue_remove(sender, msg.item)
+        if isinstance(msg, QueueMove):
+            return self._queue_move(sender, msg.item, msg.index)
+        if isinstance(msg, QueueNext):
+            return self._queue_next(sender, now)
+        if isinstance(msg, QueueMode):
+            return self._queue_mode(msg)
         raise TypeError(f"not a control message: {msg!r}")
 
     def _claim(self, sender: Participant, now: float) -> list[Effect]:
@@ -457,6 +521,104 @@ class Room:
     def _seek(self, position: float, now: float) -> list[Effect]:
         at = self._effective_time(now)
         return self._commit(replace(self.timeline, position=self._clamp(position), start_at=at))
+
+    # -- queue ---------------------------------------------------------------
+
+    def queue_add(
+        self, sender: Participant, msg: QueueAdd, now: float, resolved: Track | None = None
+    ) -> list[Effect]:
+        """Queue ``msg.url`` (or ``resolved``, a library track the edge looked up)."""
+        if resolved is None:
+            if msg.url is None:
+                code = "no_such_track" if msg.track_id else "bad_message"
+                return [Error(sender.id, code, "queue_add needs a url or a known track_id")]
+            try:
+                url = validate_track_url(msg.url)
+            except BadURL as exc:
+                return [Error(sender.id, "bad_url", str(exc))]
+            title = msg.title.strip() if msg.title and msg.title.strip() else _title_from_url(url)
+            resolved = Track(url, title, msg.duration)
+        if len(self.queue) >= MAX_QUEUE_ITEMS:
+            return [Error(sender.id, "queue_full", f"the queue holds {MAX_QUEUE_ITEMS} tracks")]
+        self._queue_seq += 1
+        item = QueueItem(f"q{self._queue_seq}", resolved, sender.name)
+        if msg.next:
+            self.queue.insert(0, item)
+        else:
+            self.queue.append(item)
+        if self.track is None:  # an empty room: the first track becomes current, paused
+            return self._start_next(now, autoplay=False)
+        return self._commit()
+
+    def _find_item(self, item_id: str) -> int | None:
+        return next((i for i, item in enumerate(self.queue) if item.id == item_id), None)
+
+    def _queue_remove(self, sender: Participant, item_id: str) -> list[Effect]:
+        index = self._find_item(item_id)
+        if index is None:
+            return [Error(sender.id, "no_such_item", "no queue item with that id")]
+        del self.queue[index]
+        return self._commit()
+
+    def _queue_move(self, sender: Participant, item_id: str, to: int) -> list[Effect]:
+        index = self._find_item(item_id)
+        if index is None:
+            return [Error(sender.id, "no_such_item", "no queue item with that id")]
+        item = self.queue.pop(index)
+        self.queue.insert(min(to, len(self.queue)), item)
+        return self._commit()
+
+    def _queue_next(self, sender: Participant, now: float) -> list[Effect]:
+        if not self.queue and not (self.repeat == "all" and self.track is not None):
+            return [Error(sender.id, "queue_empty", "nothing is queued")]
+        return self._start_next(now, autoplay=True, skipping=True)
+
+    def _queue_mode(self, msg: QueueMode) -> list[Effect]:
+        repeat = self.repeat if msg.repeat is None else msg.repeat
+        shuffle = self.shuffle if msg.shuffle is None else msg.shuffle
+        if (repeat, shuffle) == (self.repeat, self.shuffle):
+            return []
+        self.repeat, self.shuffle = repeat, shuffle
+        return self._commit()
+
+    def _pick_next(self, skipping: bool) -> Track | None:
+        """Take the track that follows the current one, honouring repeat and shuffle."""
+        current = self.track
+        if self.repeat == "one" and current is not None and not skipping:
+            return current
+        if self.repeat == "all" and current is not None:
+            self._queue_seq += 1
+            self.queue.append(QueueItem(f"q{self._queue_seq}", current, "repeat"))
+        if not self.queue:
+            return None
+        index = self._rng.randrange(len(self.queue)) if self.shuffle else 0
+        if self.repeat == "all" and self.shuffle and len(self.queue) > 1:
+            index = self._rng.randrange(len(self.queue) - 1)  # not the one just played
+        return self.queue.pop(index).track
+
+    def _start_next(
+        self, now: float, autoplay: bool, skipping: bool = False, at: float | None = None
+    ) -> list[Effect]:
+        track = self._pick_next(skipping)
+        if track is None:
+            return []
+        self.track = track
+        if at is None:
+            extra = TRACK_PRELOAD_LEAD_MS if autoplay else 0.0
+            at = max(now + self.lead_ms() + extra, self.timeline.start_at)
+        return self._commit(Timeline(paused=not autoplay, position=0.0, start_at=at))
+
+    def _maybe_advance(self, now: float) -> list[Effect]:
+        """At the advance time, schedule the next track to start exactly when this one ends."""
+        due = self._advance_due_at()
+        end = self.track_end_at()
+        if due is None or end is None or now < due:
+            return []
+        effects = self._start_next(now, autoplay=True, at=end)
+        if effects:
+            return effects
+        duration = self.track.duration if self.track else None
+        return self._commit(Timeline(paused=True, position=duration or 0.0, start_at=end))
 
     def _update_settings(self, msg: RoomSettingsUpdate) -> list[Effect]:
         if msg.listeners_may_upload is None:

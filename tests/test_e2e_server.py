@@ -373,3 +373,47 @@ async def test_room_settings_are_host_only_and_broadcast(server: Server) -> None
         participant = hub.participant_for_token("main", listener.welcome["you"]["token"])
         assert participant is not None and hub.may_upload("main", participant)
         assert hub.participant_for_token("main", "nope") is None
+
+
+async def test_queue_is_live_for_everyone_and_advances_on_schedule(server: Server) -> None:
+    async with connect(server, name="H") as host, connect(server, name="L") as listener:
+        await host.send("queue_add", url="/media/a.wav", duration=0.5)
+        await host.send("queue_add", url="/media/b.wav", duration=30)
+        await host.send("queue_add", url="/media/c.wav", duration=30)
+        state = await listener.expect_state(version=3)
+        assert state["track"]["url"] == "/media/a.wav"
+        assert [i["url"] for i in state["queue"]] == ["/media/b.wav", "/media/c.wav"]
+        await listener.send("queue_next")
+        await listener.expect_error("not_host")
+        await host.send("queue_move", item=state["queue"][1]["id"], index=0)
+        state = await listener.expect_state(version=4)
+        assert [i["url"] for i in state["queue"]] == ["/media/c.wav", "/media/b.wav"]
+        before = server.hub.clock.now_ms()
+        await host.send("play")
+        # a lasts 0.5 s, less than the advance notice, so the state that starts
+        # c at a's end follows at once (and may replace the play state in a
+        # listener's outbox: the newest state wins)
+        nxt = await listener.expect_state(
+            track={"url": "/media/c.wav", "title": "c", "duration": 30}
+        )
+        a_started = nxt["start_at"] - 500
+        assert before + 150 <= a_started <= server.hub.clock.now_ms() + 150
+        assert nxt["paused"] is False and nxt["position"] == 0
+        assert [i["url"] for i in nxt["queue"]] == ["/media/b.wav"]
+
+
+async def test_queue_add_by_library_id(server: Server) -> None:
+    from musicsync.room import Track
+
+    known = {"t-1": Track("/media/lib.ogg", "From the library", 12.0)}
+    server.hub.track_lookup = known.get
+    async with connect(server, name="H") as host:
+        await host.send("queue_add", track_id="t-1")
+        state = await host.expect_state(version=1)
+        assert state["track"] == {
+            "url": "/media/lib.ogg",
+            "title": "From the library",
+            "duration": 12.0,
+        }
+        await host.send("queue_add", track_id="nope")
+        await host.expect_error("no_such_track")
