@@ -42,6 +42,7 @@ import sys
 import tempfile
 import termios
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +376,7 @@ class Room:
         self.stalled: list[Stalled] = []
         self.base_version = 0  # the room's version in the host's welcome
         self.changes = 0  # state changes the host has asked for since
+        self.stuck = False  # a batch was not seated in time
         self._seated = 0
         self._want = 0
         self._batch_done = trio.Event()
@@ -389,23 +391,31 @@ class Room:
     def open_listeners(self) -> list[Client]:
         return [c for c in self.listeners if c.close_code is None]
 
+    @property
+    def seated(self) -> int:
+        """Listeners that have their welcome (the host is not counted)."""
+        return self._seated - 1
+
     def _on_seated(self) -> None:
         self._seated += 1
         if self._seated >= self._want:
             self._batch_done.set()
 
-    async def _seat(self, clients: list[Client], first_name: int) -> None:
+    async def _seat(self, clients: list[Client], first_name: int) -> bool:
+        """Open ``clients`` at once; False if not all were seated within PHASE_TIMEOUT_S."""
         self._want = self._seated + len(clients)
         self._batch_done = trio.Event()
         for i, c in enumerate(clients):
             self.nursery.start_soon(
                 c.run, self.nursery, self.url(f"l{first_name + i}"), self.tally, self._on_seated
             )
-        with trio.fail_after(PHASE_TIMEOUT_S):
+        with trio.move_on_after(PHASE_TIMEOUT_S):
             await self._batch_done.wait()
+        return self._batch_done.is_set()
 
     async def open_host(self) -> None:
-        await self._seat([self.host], 0)
+        if not await self._seat([self.host], 0):
+            raise RuntimeError("the host was not seated")
         self.base_version = self.host.version
         if self.host.role != "host":
             await self.host.send("claim_host")
@@ -419,7 +429,9 @@ class Room:
             group = [Client() for _ in range(min(batch, n - len(self.listeners)))]
             start = len(self.listeners) + 1
             self.listeners.extend(group)
-            await self._seat(group, start)
+            if not await self._seat(group, start):
+                self.stuck = True
+                return
 
     async def add_stalled(self, n: int) -> None:
         for i in range(n):
@@ -609,19 +621,23 @@ async def run_growth(cfg: Config, results: dict[str, Any]) -> None:
             t0, s0, b0 = clock(), server.cpu_s(), bench_cpu_s()
             await room.fill(target, cfg.batch, t0 + cfg.fill_budget - active)
             active += clock() - t0
-            n = len(room.listeners)
+            n = min(len(room.listeners), room.seated)
             fresh = n > measured_at  # not yet measured at this size
             measured_at = n
-            settle_s = await room.settle()
+            settle_s: float | None = None
+            with contextlib.suppress(trio.TooSlowError):
+                settle_s = await room.settle()
             cpu_srv += server.cpu_s() - s0
             cpu_me += bench_cpu_s() - b0
-            complete = n >= target
+            complete = n >= target and settle_s is not None and not room.stuck
+            if settle_s is None or room.stuck:
+                fresh = False  # not a steady room: report the join figures only
             health = await healthz(server.port)
             frames = dict(room.tally.frames)
             chars = dict(room.tally.chars)
             p_frames, p_bytes = frames.get("presence", 0), chars.get("presence", 0)
             delivered = frames.get("presence", 0) + frames.get("welcome", 0)
-            entry = int(statistics.median(c.welcome_entry for c in room.listeners))
+            entry = int(statistics.median(c.welcome_entry or 60 for c in room.listeners))
             hyp = hypothetical_presence(n, entry)
             if target in cfg.join_sizes or not complete:
                 results["join"].append(
@@ -631,7 +647,7 @@ async def run_growth(cfg: Config, results: dict[str, Any]) -> None:
                         "complete": complete,
                         "seconds": rnd(active, 3),
                         "joins_per_s": rnd(n / active, 1),
-                        "presence_settle_s": rnd(settle_s, 3),
+                        "presence_settle_s": rnd(settle_s, 3) if settle_s is not None else None,
                         "welcome_bytes": chars.get("welcome", 0),
                         "presence_frames": p_frames,
                         "presence_bytes": p_bytes,
@@ -644,7 +660,12 @@ async def run_growth(cfg: Config, results: dict[str, Any]) -> None:
                         "server_cpu_s": rnd(cpu_srv, 2),
                         "bench_cpu_s": rnd(cpu_me, 2),
                         "server_cpu_us_per_frame": rnd(cpu_srv * 1e6 / max(1, delivered), 1),
+                        "stuck_batch": room.stuck,
+                        "settled": settle_s is not None,
                         "dropped_clients": len(room.listeners) - len(room.open_listeners),
+                        "close_codes": dict(
+                            Counter(c.close_code for c in room.listeners if c.close_code)
+                        ),
                         "server_connections": health.get("connections"),
                     }
                 )
@@ -669,11 +690,15 @@ async def run_growth(cfg: Config, results: dict[str, Any]) -> None:
                 fan["complete"] = complete
                 results["fanout"].append(fan)
             if not complete:
+                why = (
+                    f"a batch was not seated within {PHASE_TIMEOUT_S:.0f} s"
+                    if room.stuck
+                    else "presence did not settle"
+                    if settle_s is None
+                    else f"fill budget {cfg.fill_budget:.0f} s spent"
+                )
                 results["errors"].append(
-                    {
-                        "phase": "fill",
-                        "error": f"fill budget {cfg.fill_budget:.0f} s spent at {n} of {target}",
-                    }
+                    {"phase": "fill", "error": f"stopped at {n} of {target}: {why}"}
                 )
                 break
     results["server_log_slow_client_lines"] = server.log_lines("dropping slow client")
