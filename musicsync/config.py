@@ -53,6 +53,8 @@ class Settings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     media_dir: Path = field(default_factory=lambda: default_data_dir() / "media")
+    # Where the room database lives (rooms.sqlite3).
+    data_dir: Path = field(default_factory=default_data_dir)
     demo_tracks: bool = True
     max_frame_bytes: int = MAX_FRAME_BYTES
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
@@ -224,6 +226,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("port", "port", _int_between(0, 65535), "TCP port; 0 picks a free one", "int", "PORT"),
     Option("media", "media_dir", _path, "directory of tracks served under /media/", "str", "DIR"),
+    Option(
+        "data",
+        "data_dir",
+        _path,
+        "directory for the room database (rooms, queues, settings survive restarts)",
+        "str",
+        "DIR",
+    ),
     Option("demo", "demo_tracks", _parse_bool, "generate the demo tracks at start", "bool"),
     Option(
         "public-url",

@@ -56,6 +56,11 @@ LEAD_MARGIN_MS = 50.0
 # can fetch and decode it before the scheduled start.
 TRACK_PRELOAD_LEAD_MS = 1000.0
 PRESENCE_COALESCE_MS = 50.0
+# Every presence flush costs one frame per participant, so big rooms flush
+# less often: the window grows with the room (0.5 ms a head, at most 2 s),
+# which bounds presence traffic to ~2000 frames/s however fast people come.
+PRESENCE_MS_PER_PARTICIPANT = 0.5
+PRESENCE_MAX_COALESCE_MS = 2000.0
 # The state that switches to the next queued track goes out this long before
 # the current one ends, so every client has it (and the track) in time.
 ADVANCE_NOTICE_MS = 4000.0
@@ -376,9 +381,13 @@ class Room:
         }
         return [*effects, BroadcastPresence(payload)]
 
+    def presence_window_ms(self) -> float:
+        scaled = len(self.participants) * PRESENCE_MS_PER_PARTICIPANT
+        return min(PRESENCE_MAX_COALESCE_MS, max(PRESENCE_COALESCE_MS, scaled))
+
     def _schedule_presence(self, now: float) -> None:
         if self._presence.due_at is None:
-            self._presence.due_at = now + PRESENCE_COALESCE_MS
+            self._presence.due_at = now + self.presence_window_ms()
 
     def _note_joined(self, p: Participant, now: float) -> None:
         self._presence.joined[p.id] = p

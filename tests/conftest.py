@@ -54,7 +54,9 @@ async def open_server(settings: Settings) -> AsyncIterator[Server]:
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     media = tmp_path / "media"
     media.mkdir(exist_ok=True)
-    base = Settings(host="127.0.0.1", port=0, media_dir=media, demo_tracks=False)
+    base = Settings(
+        host="127.0.0.1", port=0, media_dir=media, data_dir=tmp_path / "data", demo_tracks=False
+    )
     return replace(base, **overrides)
 
 

@@ -757,3 +757,21 @@ def test_room_position_at_uses_the_track_duration() -> None:
     start = room.timeline.start_at
     assert room.position_at(start + 1000) == pytest.approx(1.0)
     assert room.position_at(start + 10_000) == 3.0
+
+
+def test_presence_window_grows_with_the_room() -> None:
+    from musicsync.room import PRESENCE_COALESCE_MS, PRESENCE_MAX_COALESCE_MS
+
+    room = Room("big")
+    assert room.presence_window_ms() == PRESENCE_COALESCE_MS
+    for i in range(1000):
+        room.join(f"p{i}", "x", T0)  # about 1 s: each welcome lists everyone
+    assert room.presence_window_ms() == 500.0
+    room.poll(T0 + 10_000)
+    room.join("late", "y", T0 + 20_000)
+    assert room.next_deadline() == T0 + 20_000 + 500.5
+    from musicsync.room import Participant
+
+    for i in range(10_000):  # seated directly: join()'s welcome would make this O(N^2)
+        room.participants[f"q{i}"] = Participant(f"q{i}", "x", LISTENER, 10_000 + i)
+    assert room.presence_window_ms() == PRESENCE_MAX_COALESCE_MS
