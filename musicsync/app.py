@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.request_class = FlowRequest
     app.asgi_http_class = FlowHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = max_request_bytes(settings.upload_max_bytes)
-    library = Library(settings.media_dir)
+    library = app.extensions["musicsync_library"] = Library(settings.media_dir)
     index_html = load_index_html()
     state: dict[str, Any] = {}
 
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         hub = Hub(settings, ServerClock(trio.current_time))
         await app.nursery.start(hub.run)
         state["hub"] = app.extensions["musicsync_hub"] = hub
+        app.nursery.start_soon(library.refresh)  # library ids resolve before anyone lists
 
     @app.after_serving
     async def stop_timers() -> None:

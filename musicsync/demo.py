@@ -6,6 +6,7 @@ import array
 import logging
 import math
 import os
+import struct
 import sys
 import wave
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 44_100
 AMPLITUDE = 0.28
+DEMO_ARTIST = "musicsync"
+DEMO_ALBUM = "Demo tracks"
 NOTE_FADE_SECONDS = 0.01
 
 
@@ -65,13 +68,30 @@ def render(track: DemoTrack) -> bytes:
     return b"".join(chunks)
 
 
-def write_wav(path: Path, pcm: bytes) -> None:
+def info_chunk(tags: dict[bytes, str]) -> bytes:
+    """A RIFF ``LIST/INFO`` chunk (INAM title, IART artist, IPRD album), as players read it."""
+    body = b"INFO"
+    for key, value in tags.items():
+        data = value.encode("utf-8") + b"\x00"
+        data += b"\x00" * (len(data) % 2)
+        body += key + struct.pack("<I", len(data)) + data
+    return b"LIST" + struct.pack("<I", len(body)) + body
+
+
+def write_wav(path: Path, pcm: bytes, tags: dict[bytes, str] | None = None) -> None:
     tmp = path.with_name(f".{path.name}.part")
     with wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
         w.writeframes(pcm)
+    if tags:
+        with tmp.open("r+b") as f:
+            f.seek(0, os.SEEK_END)
+            f.write(info_chunk(tags))
+            riff_size = f.tell() - 8
+            f.seek(4)
+            f.write(struct.pack("<I", riff_size))
     os.replace(tmp, path)
 
 
@@ -82,7 +102,8 @@ def ensure_demo_tracks(media_dir: Path) -> list[Path]:
     for track in DEMO_TRACKS:
         path = media_dir / track.filename
         if not path.exists():
-            write_wav(path, render(track))
+            tags = {b"INAM": track.title, b"IART": DEMO_ARTIST, b"IPRD": DEMO_ALBUM}
+            write_wav(path, render(track), tags)
             log.info("generated demo track %s", path)
         paths.append(path)
     return paths

@@ -153,6 +153,7 @@ class Library:
         self.refresh_interval = refresh_interval
         self._lock = trio.Lock()
         self._listing = Listing((), 0)
+        self._by_id: dict[str, LibraryTrack] = {}
         self._scanned_at: float | None = None
         # relpath -> ((mtime_ns, size), tags): lets a rescan skip unchanged files
         self._tags: dict[str, tuple[tuple[int, int], Tags]] = {}
@@ -173,13 +174,18 @@ class Library:
             now = trio.current_time()
             if self._scanned_at is None or now - self._scanned_at >= self.refresh_interval:
                 self._listing = await trio.to_thread.run_sync(self.scan)
+                self._by_id = {t.id: t for t in self._listing.tracks}
                 self._scanned_at = trio.current_time()
             return self._listing
 
-    async def entry_for(self, relpath: str) -> LibraryTrack | None:
+    async def refresh(self) -> None:
+        """Rescan now (after an upload, at start-up), so that ``lookup`` knows every file."""
         self.invalidate()
-        listing = await self.listing()
-        return next((t for t in listing.tracks if t.relpath == relpath), None)
+        await self.listing()
+
+    def lookup(self, track_id: str) -> LibraryTrack | None:
+        """The track with that id in the latest listing (no I/O: safe on the event loop)."""
+        return self._by_id.get(track_id)
 
     # -- in a worker thread --------------------------------------------------
 

@@ -343,9 +343,9 @@ async def store_upload(
         upload.part = None
     finally:
         upload.discard()
-    library.invalidate()
     if title:
         await trio.to_thread.run_sync(library.remember_title, name, title)
+    await library.refresh()  # so that the new track's id can be queued at once
     log.info("upload to room %s stored as %s (%d bytes)", room, name, upload.size)
     return describe(name, upload.size, Tags.from_tinytag(tag), title)
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from musicsync.demo import DEMO_TRACKS, ensure_demo_tracks
+from musicsync.demo import DEMO_ALBUM, DEMO_ARTIST, DEMO_TRACKS, ensure_demo_tracks
 from musicsync.library import Library, clean_text, title_from_filename, track_id
 
 from . import audio_samples as audio
@@ -70,6 +70,12 @@ async def test_demo_tracks_get_their_titles(tmp_path: Path) -> None:
     tracks = by_path((await Library(tmp_path).listing()).tracks)
     assert {t.filename: t.title for t in DEMO_TRACKS} == {p: t.title for p, t in tracks.items()}
     assert all(t.duration and t.duration > 5 for t in tracks.values())
+    # generated with tags; files from before that are titled by demo_title()
+    assert {(t.artist, t.album) for t in tracks.values()} == {(DEMO_ARTIST, DEMO_ALBUM)}
+    for demo in DEMO_TRACKS:
+        (tmp_path / demo.filename).write_bytes(audio.wav(1.0))
+    lib = Library(tmp_path)
+    assert {t.title for t in (await lib.listing()).tracks} == {d.title for d in DEMO_TRACKS}
 
 
 async def test_skips_hidden_non_audio_and_links_out_of_the_root(tmp_path: Path) -> None:
@@ -183,3 +189,14 @@ async def test_scan_of_many_files_is_quick(tmp_path: Path) -> None:
     assert lib.tags_read == 1000  # the warm scan opened no file
     assert cold < 10
     assert warm < 5
+
+
+async def test_lookup_by_id_after_a_listing(tmp_path: Path) -> None:
+    (tmp_path / "a.wav").write_bytes(audio.wav(1.0, title="A"))
+    lib = Library(tmp_path)
+    assert lib.lookup(track_id("a.wav")) is None  # nothing scanned yet
+    await lib.refresh()
+    found = lib.lookup(track_id("a.wav"))
+    assert found is not None
+    assert (found.url, found.title, found.duration) == ("/media/a.wav", "A", 1.0)
+    assert lib.lookup("nope") is None

@@ -513,3 +513,14 @@ async def test_slow_disk_holds_back_the_sender_instead_of_buffering(
     assert response.status_code == 201, response.text
     print(f"24 MB upload through a slow disk: peak traced memory {peak / MiB:.1f} MB")
     assert peak < 8 * MiB
+
+
+async def test_an_upload_can_be_looked_up_by_id_at_once(server: Server) -> None:
+    async with host_of(server) as host:
+        response = await post(server, token_of(host), data=audio.wav(1.0, title="Fresh"))
+    track = response.json()["track"]
+    app_library = server.app.extensions.get("musicsync_library")
+    if app_library is None:
+        pytest.skip("the app does not expose its library")
+    found = app_library.lookup(track["id"])
+    assert found is not None and found.title == "Fresh"
