@@ -15,8 +15,10 @@ stored: the server synthesises them into the media directory at first start.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
+import py_compile
 import re
 import shutil
 import signal
@@ -114,8 +116,28 @@ def _strip(stage: Path) -> None:
             path.unlink()
 
 
-def build(out: Path, *, pip_args: tuple[str, ...] = ()) -> Path:
-    """Build the archive at ``out`` and return its path."""
+def _precompile(stage: Path) -> None:
+    """Bytecode for this interpreter beside each source (zipimport reads ``x.pyc``
+    next to ``x.py``; other Python versions ignore it and compile the source)."""
+    ok = compileall.compile_dir(
+        str(stage),
+        quiet=2,
+        legacy=True,
+        ddir="",  # the archive's final path is unknown; keep names relative
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        workers=0,
+    )
+    if not ok:
+        raise SystemExit("some modules did not compile")
+
+
+def build(out: Path, *, pip_args: tuple[str, ...] = (), precompile: bool = False) -> Path:
+    """Build the archive at ``out`` and return its path.
+
+    ``precompile`` adds bytecode for the running Python: it starts about 2x faster
+    on that version, the archive is about 2.5x larger, and tracebacks from it
+    show relative file names without source lines.
+    """
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="musicsync-zipapp-") as tmp:
@@ -143,6 +165,8 @@ def build(out: Path, *, pip_args: tuple[str, ...] = ()) -> Path:
         check_backports(stage)
         _copy_package(stage)
         _strip(stage)
+        if precompile:
+            _precompile(stage)
         partial = out.with_name(f".{out.name}.part")
         zipapp.create_archive(stage, partial, interpreter=INTERPRETER, main=MAIN, compressed=True)
         partial.chmod(0o755)
@@ -281,13 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the .pyz to build (or to test with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="smoke-test OUT instead of building")
     parser.add_argument("--python", help="base Python for the smoke test (default: this one)")
+    parser.add_argument(
+        "--precompile",
+        action="store_true",
+        help="also store bytecode for this Python (faster start on it, bigger file)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         result = smoke(args.out, base_python=args.python)
         print(json.dumps(result.as_dict()))
         return 0
     started = time.monotonic()
-    out = build(args.out)
+    out = build(args.out, precompile=args.precompile)
     print(f"built {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.0f} s")
     return 0
 

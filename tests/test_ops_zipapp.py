@@ -78,3 +78,17 @@ def test_runs_on_python_310(pyz: Path) -> None:
     result = smoke(pyz, base_python=base)
     assert result.python.startswith("3.10.")
     assert (result.close_code, result.exit_code) == (1001, 0)
+
+
+def test_precompiled_archive_starts_on_this_python_and_others(tmp_path: Path) -> None:
+    pyz = build(tmp_path / "musicsync.pyz", precompile=True)
+    with zipfile.ZipFile(pyz) as z:
+        names = set(z.namelist())
+    assert {"musicsync/cli.pyc", "musicsync/cli.py", "trio/__init__.pyc"} <= names
+    assert not [n for n in names if "__pycache__" in n]
+    result = smoke(pyz)
+    assert (result.close_code, result.exit_code) == (1001, 0)
+    base = python310()
+    if base is not None:  # bytecode of another version is ignored, the source used
+        result = smoke(pyz, base_python=base)
+        assert (result.close_code, result.exit_code) == (1001, 0)
