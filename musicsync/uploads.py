@@ -313,9 +313,9 @@ async def store_upload(
         raise UploadError(400, "bad_request", "send multipart/form-data with a 'file' field")
     media_dir = library.root
     staging = media_dir / UPLOADS_DIR
-    await trio.Path(staging).mkdir(parents=True, exist_ok=True)
     upload = _Upload(staging, max_bytes)
     try:
+        await trio.Path(staging).mkdir(parents=True, exist_ok=True)
         try:
             await _receive(request, upload, boundary.encode("latin-1"))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -341,10 +341,17 @@ async def store_upload(
         slug = slugify(upload.filename or "")
         name = await trio.to_thread.run_sync(_publish, upload.part, media_dir, slug, kind.ext)
         upload.part = None
+    except OSError as exc:  # a full disk, a read-only or vanished media directory
+        log.warning("upload to room %s not stored: %s", room, exc)
+        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+        raise UploadError(status, "storage_error", "the server could not store the file") from exc
     finally:
         upload.discard()
     if title:
-        await trio.to_thread.run_sync(library.remember_title, name, title)
+        try:
+            await trio.to_thread.run_sync(library.remember_title, name, title)
+        except OSError as exc:  # the file is in; only its fallback title is lost
+            log.warning("could not record the title of %s: %s", name, exc)
     await library.refresh()  # so that the new track's id can be queued at once
     log.info("upload to room %s stored as %s (%d bytes)", room, name, upload.size)
     return describe(name, upload.size, Tags.from_tinytag(tag), title)

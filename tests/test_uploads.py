@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
@@ -524,3 +525,17 @@ async def test_an_upload_can_be_looked_up_by_id_at_once(server: Server) -> None:
         pytest.skip("the app does not expose its library")
     found = app_library.lookup(track["id"])
     assert found is not None and found.title == "Fresh"
+
+
+async def test_full_disk_is_507_and_leaves_no_file(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*args: Any) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(uploads, "_publish", no_space)
+    async with host_of(server) as host:
+        response = await post(server, token_of(host), data=audio.wav())
+    assert_error(response, 507, "storage_error")
+    assert staged(server) == []
+    assert media_files(server) == []
