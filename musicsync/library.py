@@ -266,7 +266,7 @@ class Library:
     def remember_title(self, relpath: str, title: str) -> None:
         """Keep an upload's original name as its fallback title (blocking)."""
         with self._titles_lock:
-            titles = self._load_titles()
+            titles = {k: v for k, v in self._load_titles().items() if (self.root / k).exists()}
             titles[relpath] = title
             tmp = self.titles_path.with_name(f".{TITLES_FILE}.part")
             tmp.write_text(json.dumps(titles, ensure_ascii=False, sort_keys=True), "utf-8")

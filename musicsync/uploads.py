@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,9 @@ DRAIN_SECONDS = 5.0
 MAX_SLUG_CHARS = 48
 MAX_ORIGINAL_NAME_CHARS = 200
 PUBLISH_ATTEMPTS = 8
+# Part files this old are left over from a crash (a live upload writes at least
+# every UPLOAD_IDLE_TIMEOUT): the next upload removes them.
+STALE_PART_SECONDS = 3600.0
 
 
 def max_request_bytes(upload_max_bytes: int) -> int:
@@ -252,6 +256,21 @@ async def _receive(request: Request, upload: _Upload, boundary: bytes) -> None:
             return
 
 
+def sweep_stale_parts(staging: Path, now: float | None = None) -> int:
+    """Delete part files a crashed server left behind; how many (blocking)."""
+    now = time.time() if now is None else now
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(staging) as entries:
+        for e in entries:
+            if not e.name.endswith(".part") or not e.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if now - e.stat(follow_symlinks=False).st_mtime > STALE_PART_SECONDS:
+                    os.unlink(e.path)
+                    removed += 1
+    return removed
+
+
 def _publish(part: Path, media_dir: Path, slug: str, ext: str) -> str:
     """Move ``part`` into ``media_dir`` under a new generated name; the name (blocking)."""
     with part.open("rb") as f:
@@ -316,6 +335,7 @@ async def store_upload(
     upload = _Upload(staging, max_bytes)
     try:
         await trio.Path(staging).mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(sweep_stale_parts, staging)
         try:
             await _receive(request, upload, boundary.encode("latin-1"))
         except (ValueError, UnicodeDecodeError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import time
 import tracemalloc
@@ -539,3 +540,17 @@ async def test_full_disk_is_507_and_leaves_no_file(
     assert_error(response, 507, "storage_error")
     assert staged(server) == []
     assert media_files(server) == []
+
+
+def test_stale_part_files_are_swept(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh.part"
+    old = tmp_path / "old.part"
+    other = tmp_path / "titles.json"
+    for p in (fresh, old, other):
+        p.write_bytes(b"x")
+    now = time.time()
+    os.utime(old, (now - 2 * uploads.STALE_PART_SECONDS,) * 2)
+    os.utime(other, (now - 2 * uploads.STALE_PART_SECONDS,) * 2)
+    assert uploads.sweep_stale_parts(tmp_path, now) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.part", "titles.json"]
+    assert uploads.sweep_stale_parts(tmp_path / "missing", now) == 0
