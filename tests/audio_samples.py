@@ -139,3 +139,25 @@ def opus(seconds: float = 1.5, **tags: str) -> bytes:
 def elf_executable() -> bytes:
     """The first bytes of an x86-64 ELF executable, then padding."""
     return b"\x7fELF\x02\x01\x01" + b"\x00" * 9 + b"\x02\x00\x3e\x00" + b"\x00" * 4000
+
+
+def _atom(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def m4a(seconds: float = 2.5, **tags: str) -> bytes:
+    """An MP4 audio file's boxes: ftyp, moov/mvhd (duration), moov/udta/meta/ilst (tags).
+
+    No sample data: enough for a tag reader, not for a decoder.
+    """
+    ids = {"title": b"\xa9nam", "artist": b"\xa9ART", "album": b"\xa9alb"}
+    timescale = 1000
+    mvhd = struct.pack(">B3xIIII", 0, 0, 0, timescale, int(seconds * timescale)) + b"\x00" * 80
+    items = b"".join(
+        _atom(ids[k], _atom(b"data", struct.pack(">II", 1, 0) + v.encode()))
+        for k, v in tags.items()
+    )
+    meta = _atom(b"meta", b"\x00\x00\x00\x00" + _atom(b"ilst", items))
+    return _atom(b"ftyp", b"M4A \x00\x00\x02\x00M4A isommp42") + _atom(
+        b"moov", _atom(b"mvhd", mvhd) + _atom(b"udta", meta)
+    )

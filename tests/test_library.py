@@ -36,13 +36,15 @@ async def test_reads_titles_artists_albums_and_durations(tmp_path: Path) -> None
     (tmp_path / "b.flac").write_bytes(audio.flac(3.0, title="Flac Song", artist="F", album="FA"))
     (tmp_path / "c.mp3").write_bytes(audio.mp3(80, title="Mp3 Song", artist="M", album="MA"))
     (tmp_path / "d.opus").write_bytes(audio.opus(1.5, title="Opus Song", artist="O", album="OA"))
+    (tmp_path / "e.m4a").write_bytes(audio.m4a(2.5, title="M4a Song", artist="E", album="EA"))
     tracks = by_path((await Library(tmp_path).listing()).tracks)
-    assert set(tracks) == {"a.wav", "b.flac", "c.mp3", "d.opus"}
+    assert set(tracks) == {"a.wav", "b.flac", "c.mp3", "d.opus", "e.m4a"}
     for path, title, artist, album, duration in [
         ("a.wav", "Wave Song", "W", "WA", 2.0),
         ("b.flac", "Flac Song", "F", "FA", 3.0),
         ("c.mp3", "Mp3 Song", "M", "MA", 80 * audio.MP3_FRAME_SECONDS),
         ("d.opus", "Opus Song", "O", "OA", 1.5),
+        ("e.m4a", "M4a Song", "E", "EA", 2.5),
     ]:
         t = tracks[path]
         assert (t.title, t.artist, t.album) == (title, artist, album)

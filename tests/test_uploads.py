@@ -136,6 +136,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
         (lambda: audio.flac(2.0, title="Tagged Flac"), ".flac", "Tagged Flac"),
         (lambda: audio.mp3(60, title="Tagged Mp3"), ".mp3", "Tagged Mp3"),
         (lambda: audio.opus(1.0, title="Tagged Opus"), ".opus", "Tagged Opus"),
+        (lambda: audio.m4a(2.0, title="Tagged M4a"), ".m4a", "Tagged M4a"),
     ],
 )
 async def test_host_uploads_and_the_library_lists_it(
@@ -265,8 +266,9 @@ async def test_non_audio_content_is_415(server: Server, data: bytes) -> None:
         audio.mp3(0, title="only a tag"),  # an ID3 tag and no audio
         b"ID3\x03\x00\x00\x00\x00\x00\x05\xff\xfb\x90",  # a tag, then half a frame header
         audio.opus(1.0)[:40],
+        audio.m4a(2.0, title="t")[:40],  # ftyp and no moov: no duration
     ],
-    ids=["wav", "flac", "mp3-tag-only", "mp3-cut", "opus"],
+    ids=["wav", "flac", "mp3-tag-only", "mp3-cut", "opus", "m4a"],
 )
 async def test_truncated_audio_is_415(server: Server, data: bytes) -> None:
     async with host_of(server) as host:
