@@ -33,6 +33,7 @@ from .ops import register_ops_routes
 from .outbox import PendingPong
 from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
 from .ratelimit import RateLimiter, Verdict
+from .store import RoomStore
 from .uploads import FlowHTTPConnection, FlowRequest, handle_upload, max_request_bytes
 from .urls import is_valid_room_name, sanitize_display_name
 
@@ -79,14 +80,21 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:
             await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)
-        hub = Hub(settings, ServerClock(trio.current_time))
+        store = await trio.to_thread.run_sync(RoomStore.open_or_reset, settings.data_dir)
+        hub = Hub(settings, ServerClock(trio.current_time), store)
         await app.nursery.start(hub.run)
+        restored = await hub.restore_rooms()
+        if restored:
+            log.info("restored %d room(s) from %s", restored, store.path)
         state["hub"] = app.extensions["musicsync_hub"] = hub
         app.nursery.start_soon(library.refresh)  # library ids resolve before anyone lists
 
     @app.after_serving
     async def stop_timers() -> None:
-        hub().close()
+        h = hub()
+        await h.persist_all()  # seats of everyone just told to reconnect, too
+        h.close()
+        await h.close_store()
 
     register_ops_routes(app, settings, hub)  # /metrics, /api/share, /api/qr.svg
 
@@ -229,7 +237,7 @@ async def _reader(hub: Hub, room_name: str, client: Client, ws: Transport) -> No
         if isinstance(msg, Report):
             hub.metrics.observe_report(msg)
             continue
-        hub.handle(room_name, client, msg)
+        await hub.handle(room_name, client, msg)
 
 
 def _limited(hub: Hub, client: Client, verdict: Verdict) -> bool:

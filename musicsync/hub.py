@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import secrets
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from .room import (
     Room,
     Track,
 )
+from .store import RoomStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +124,13 @@ class HubStats:
 class Hub:
     """All rooms of this process and the clients in them."""
 
-    def __init__(self, settings: Settings, clock: ServerClock) -> None:
+    def __init__(
+        self, settings: Settings, clock: ServerClock, store: RoomStore | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.store = store
+        self._db_lane = trio.CapacityLimiter(1)  # one writer thread, writes in order
         self._nursery: trio.Nursery | None = None
         self.rooms: dict[str, RoomEntry] = {}
         self.track_lookup: Callable[[str], Track | None] | None = None
@@ -175,17 +182,67 @@ class Hub:
             client.fail(CLOSE_GOING_AWAY, "server restarting")
         return client
 
-    def room_entry(self, room_name: str) -> RoomEntry:
+    def room_entry(self, room_name: str, room: Room | None = None) -> RoomEntry:
         """The live room of that name, created (with its timer) if need be."""
         entry = self.rooms.get(room_name)
         if entry is None:
-            entry = RoomEntry(Room(room_name, resume_grace_ms=self.settings.resume_grace * 1000))
+            grace_ms = self.settings.resume_grace * 1000
+            entry = RoomEntry(room or Room(room_name, resume_grace_ms=grace_ms))
             self.rooms[room_name] = entry
             if self._nursery is None:
                 raise RuntimeError("Hub.run() is not running")
             self._nursery.start_soon(self._room_timer, room_name, entry)
-            log.info("room %s created", room_name)
+            log.info("room %s %s", room_name, "restored" if room else "created")
         return entry
+
+    # -- persistence -----------------------------------------------------------
+
+    async def restore_rooms(self) -> int:
+        """Bring back every stored room, its timeline running on as the clock says."""
+        if self.store is None:
+            return 0
+        store = self.store
+        rows = await trio.to_thread.run_sync(lambda: list(store.load_all()), limiter=self._db_lane)
+        now = self.clock.now_ms()
+        for name, snap in rows:
+            try:
+                room = Room.restore(name, snap, now, self.settings.resume_grace * 1000)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("room %s could not be restored (%s); skipped", name, exc)
+                continue
+            entry = self.room_entry(name, room)
+            entry.empty_since = trio.current_time()
+        return len(rows)
+
+    async def persist(self, entry: RoomEntry) -> None:
+        """Commit the room's snapshot; returns once it is durable."""
+        if self.store is None:
+            return
+        room = entry.room
+        save = functools.partial(self.store.save, room.name, room.version, room.snapshot())
+        try:
+            await trio.to_thread.run_sync(save, limiter=self._db_lane)
+        except (sqlite3.Error, StoreError) as exc:
+            self.stats.errors["store"] += 1
+            log.error("could not save room %s: %s", room.name, exc)
+
+    async def persist_all(self) -> None:
+        for entry in list(self.rooms.values()):
+            await self.persist(entry)
+
+    async def _forget(self, room_name: str) -> None:
+        if self.store is None:
+            return
+        forget = functools.partial(self.store.delete, room_name)
+        try:
+            await trio.to_thread.run_sync(forget, limiter=self._db_lane)
+        except (sqlite3.Error, StoreError) as exc:
+            log.error("could not delete room %s: %s", room_name, exc)
+
+    async def close_store(self) -> None:
+        """Close the database in the writers' lane, after any write in flight."""
+        if self.store is not None:
+            await trio.to_thread.run_sync(self.store.close, limiter=self._db_lane)
 
     def join(
         self,
@@ -241,11 +298,18 @@ class Hub:
             entry.empty_since = trio.current_time()
             entry.wake()
 
-    def handle(self, room_name: str, client: Client, msg: ClientMessage) -> None:
+    async def handle(self, room_name: str, client: Client, msg: ClientMessage) -> None:
+        """Apply a control message; a change is durable before anyone hears of it."""
         entry = self.rooms[room_name]
         if isinstance(msg, QueueAdd) and msg.track_id is not None and msg.url is None:
             msg = self._resolve_queue_add(msg)
-        self._apply(entry, entry.room.handle(client.id, msg, self.clock.now_ms()))
+        effects = entry.room.handle(client.id, msg, self.clock.now_ms())
+        await self._persist_then_apply(entry, effects)
+
+    async def _persist_then_apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
+        if any(isinstance(e, (BroadcastState, BroadcastPresence)) for e in effects):
+            await self.persist(entry)
+        self._apply(entry, effects)
 
     def _resolve_queue_add(self, msg: QueueAdd) -> QueueAdd:
         track = self.resolve_track(msg.track_id or "")
@@ -310,12 +374,13 @@ class Hub:
             with trio.move_on_at(deadline):
                 await entry.bell.wait()
             entry.bell = trio.Event()
-            self._apply(entry, entry.room.poll(self.clock.now_ms()))
+            await self._persist_then_apply(entry, entry.room.poll(self.clock.now_ms()))
             if (
                 entry.empty_since is not None
                 and trio.current_time() >= entry.empty_since + self.settings.room_idle_ttl
             ):
                 if self.rooms.get(room_name) is entry:
                     del self.rooms[room_name]
+                    await self._forget(room_name)
                 log.info("room %s forgotten after being idle", room_name)
                 return

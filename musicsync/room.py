@@ -288,6 +288,63 @@ class Room:
             times.append(advance)
         return min(times, default=None)
 
+    # -- persistence -----------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything that must survive a restart, as plain JSON-able data."""
+        seats = [*self.participants.values(), *(r.participant for r in self._reserved.values())]
+        return {
+            "state": self.state(),
+            "queue_seq": self._queue_seq,
+            "seq": self._seq,
+            "seats": [
+                {"id": p.id, "name": p.name, "role": p.role, "seq": p.seq, "token": p.token}
+                for p in seats
+                if p.token is not None
+            ],
+            "banned": self._banned,
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        name: str,
+        snap: dict[str, Any],
+        now: float,
+        resume_grace_ms: float = RESUME_GRACE_MS,
+        rng: random.Random | None = None,
+    ) -> Room:
+        """A room from ``snapshot()``. Everyone who was in it gets a held seat."""
+        room = cls(name, resume_grace_ms=resume_grace_ms, rng=rng)
+        state = snap["state"]
+        track = state.get("track")
+        room.track = Track(track["url"], track["title"], track["duration"]) if track else None
+        room.timeline = Timeline(
+            paused=bool(state["paused"]),
+            position=float(state["position"]),
+            start_at=float(state["start_at"]),
+            rate=float(state.get("rate", 1.0)),
+        )
+        room.volume = float(state["volume"])
+        room.version = int(state["version"])
+        room.settings = RoomSettings(**state.get("settings", {}))
+        room.queue = [
+            QueueItem(q["id"], Track(q["url"], q["title"], q["duration"]), q["added_by"])
+            for q in state.get("queue", [])
+        ]
+        room.repeat = state.get("repeat", "off")
+        room.shuffle = bool(state.get("shuffle", False))
+        room._queue_seq = int(snap.get("queue_seq", 0))
+        room._seq = int(snap.get("seq", 0))
+        room._banned = {str(k): float(v) for k, v in snap.get("banned", {}).items()}
+        grace = max(resume_grace_ms, 0.0)
+        for seat in snap.get("seats", []):
+            p = Participant(
+                seat["id"], seat["name"], seat["role"], seat["seq"], token=seat["token"]
+            )
+            room._reserved[p.token or ""] = _Reservation(p, now + grace)
+        return room
+
     # -- membership ----------------------------------------------------------
 
     def join(

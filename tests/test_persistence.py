@@ -1,0 +1,152 @@
+"""Rooms survive restarts: SIGTERM, SIGKILL mid-song, and a corrupt database."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from musicsync.room import Room
+from musicsync.store import DB_FILENAME, RoomStore
+
+from .conftest import Server, connect, make_settings, open_server
+
+T0 = 1_800_000_000_000.0
+START_TIMEOUT = 20.0
+
+
+@asynccontextmanager
+async def server_process(data: Path, media: Path) -> AsyncIterator[tuple[trio.Process, str]]:
+    """A real ``musicsync serve`` process; yields it and its http URL."""
+    cmd = [sys.executable, "-m", "musicsync", "serve", "--port", "0", "--no-demo"]
+    cmd += ["--data", str(data), "--media", str(media), "--no-qr"]
+    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        buffer = b""
+        with trio.fail_after(START_TIMEOUT):
+            while b"listening on http://" not in buffer:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "server exited before listening"
+                buffer += chunk
+        line = next(x for x in buffer.decode().splitlines() if "listening on http://" in x)
+        yield proc, line.split("listening on ", 1)[1].strip()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+def process_server(url: str, tmp: Path) -> Server:
+    return Server(url, url.replace("http://", "ws://"), None, make_settings(tmp))  # type: ignore[arg-type]
+
+
+async def test_snapshot_round_trip_keeps_timeline_queue_and_seats() -> None:
+    from musicsync.protocol import Play, QueueAdd
+
+    room = Room("main")
+    room.join("h", "Host", T0, token="tok-h")
+    room.join("l", "L", T0, token="tok-l")
+    room.handle("h", QueueAdd(url="/media/a.mp3", duration=100), T0)
+    room.handle("h", QueueAdd(url="/media/b.mp3", duration=100), T0)
+    room.handle("h", Play(position=10), T0)
+    again = Room.restore("main", room.snapshot(), T0 + 5_000)
+    assert again.state() == room.state()
+    assert again.position_at(T0 + 60_000) == room.position_at(T0 + 60_000)
+    assert again.participants == {}
+    effects = again.resume("tok-h", T0 + 6_000)
+    assert effects is not None
+    assert effects[0].payload["you"]["role"] == "host"  # type: ignore[union-attr]
+    assert again.resume("tok-x", T0 + 6_000) is None
+
+
+async def test_restart_brings_rooms_back_with_their_timeline(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    async with open_server(settings) as server, connect(server, "party", name="H") as host:
+        token = host.welcome["you"]["token"]
+        await host.send("set_track", url="/media/x.mp3", duration=600)
+        await host.send("play", position=42)
+        acknowledged = await host.expect_state(version=2)
+    async with open_server(settings) as server:
+        async with connect(server, "party", name="someone", token=token) as back:
+            assert back.welcome["room"] == acknowledged
+            assert back.welcome["you"]["role"] == "host"
+            assert back.welcome["you"]["name"] == "H"
+
+
+async def test_sigkill_mid_song_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    data, media = tmp_path / "data", tmp_path / "media"
+    media.mkdir()
+    async with server_process(data, media) as (proc, url):
+        first = process_server(url, tmp_path)
+        async with connect(first, "gig", name="H") as host, connect(first, "gig", name="L") as lis:
+            token, listener_token = host.welcome["you"]["token"], lis.welcome["you"]["token"]
+            await host.send("queue_add", url="/media/a.mp3", duration=300)
+            await host.send("queue_add", url="/media/b.mp3", duration=300)
+            await host.send("volume", volume=0.25)
+            await host.send("play", position=30)
+            acknowledged = await lis.expect_state(version=4)
+            assert acknowledged["paused"] is False
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    async with server_process(data, media) as (proc, url):
+        second = process_server(url, tmp_path)
+        async with connect(second, "gig", name="x", token=listener_token) as lis:
+            room = lis.welcome["room"]
+            assert room == acknowledged  # same version, same start_at: no jump
+            assert lis.welcome["you"]["role"] == "listener"
+            async with connect(second, "gig", name="y", token=token) as host:
+                assert host.welcome["you"]["role"] == "host"
+                await host.send("pause")
+                paused = await lis.expect_state(paused=True)
+                # the position carried on from the old timeline, by the clock
+                expect = room["position"] + (paused["start_at"] - room["start_at"]) / 1000
+                assert abs(paused["position"] - expect) < 1e-6
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await proc.wait() == 0
+
+
+async def test_corrupt_database_is_moved_aside_and_server_starts_empty(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / DB_FILENAME).write_bytes(b"this is not a database" * 1000)
+    settings = make_settings(tmp_path)
+    async with open_server(settings) as server, connect(server, name="H") as host:
+        assert host.welcome["room"]["version"] == 0
+    aside = [p.name for p in data.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1
+    # the new database works
+    store = RoomStore(data / DB_FILENAME)
+    try:
+        assert [name for name, _ in store.load_all()] == ["main"]
+    finally:
+        store.close()
+
+
+async def test_unreadable_row_is_treated_as_corruption(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    RoomStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO rooms VALUES ('bad', 1, '{not json', 0)")
+    store = RoomStore.open_or_reset(tmp_path)
+    try:
+        assert list(store.load_all()) == []
+    finally:
+        store.close()
+    assert any(".corrupt-" in p.name for p in tmp_path.iterdir())
+
+
+async def test_schema_version_is_recorded(tmp_path: Path) -> None:
+    from musicsync.store import SCHEMA_VERSION
+
+    RoomStore(tmp_path / DB_FILENAME).close()
+    with sqlite3.connect(tmp_path / DB_FILENAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
