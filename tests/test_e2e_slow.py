@@ -112,17 +112,20 @@ async def test_writer_drops_a_client_stuck_past_send_timeout(
 
 
 async def test_silent_client_is_dropped_after_heartbeat_timeout(tmp_path: Path) -> None:
-    async with open_server(make_settings(tmp_path, heartbeat_timeout=0.3)) as server:
-        async with connect(server, name="quiet") as quiet, connect(server, name="chatty") as chatty:
-            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
-                while True:
-                    await chatty.send("ping", t0=0)  # keeps chatty alive
-                    with trio.move_on_after(0.05):
-                        await quiet.conn.get_message()
-            assert info.value.reason.code == CLOSE_HEARTBEAT
-            await chatty.send("ping", t0=-1)
-            while (await chatty.expect("pong"))["t0"] != -1:
-                pass
+    async with (
+        open_server(make_settings(tmp_path, heartbeat_timeout=0.3)) as server,
+        connect(server, name="quiet") as quiet,
+        connect(server, name="chatty") as chatty,
+    ):
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            while True:
+                await chatty.send("ping", t0=0)  # keeps chatty alive
+                with trio.move_on_after(0.05):
+                    await quiet.conn.get_message()
+        assert info.value.reason.code == CLOSE_HEARTBEAT
+        await chatty.send("ping", t0=-1)
+        while (await chatty.expect("pong"))["t0"] != -1:
+            pass
 
 
 async def test_heartbeat_deadline_follows_last_message(

@@ -73,11 +73,13 @@ async def test_restart_brings_rooms_back_with_their_timeline(tmp_path: Path) -> 
         await host.send("set_track", url="/media/x.mp3", duration=600)
         await host.send("play", position=42)
         acknowledged = await host.expect_state(version=2)
-    async with open_server(settings) as server:
-        async with connect(server, "party", name="someone", token=token) as back:
-            assert back.welcome["room"] == acknowledged
-            assert back.welcome["you"]["role"] == "host"
-            assert back.welcome["you"]["name"] == "H"
+    async with (
+        open_server(settings) as server,
+        connect(server, "party", name="someone", token=token) as back,
+    ):
+        assert back.welcome["room"] == acknowledged
+        assert back.welcome["you"]["role"] == "host"
+        assert back.welcome["you"]["name"] == "H"
 
 
 async def test_sigkill_mid_song_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -140,7 +142,7 @@ async def test_unreadable_row_is_treated_as_corruption(tmp_path: Path) -> None:
         assert list(store.load_all()) == []
     finally:
         store.close()
-    assert any(".corrupt-" in p.name for p in tmp_path.iterdir())
+    assert any(".corrupt-" in p.name for p in await trio.Path(tmp_path).iterdir())
 
 
 async def test_schema_version_is_recorded(tmp_path: Path) -> None:
