@@ -26,6 +26,13 @@ MP4_AUDIO_BRANDS = frozenset(
 EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 WEBM_DOCTYPE = b"\x42\x82\x84webm"  # EBML DocType element, length 4, "webm"
 RIFF_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # written by streaming recorders
+# tinytag reads a tag (an ID3 frame, a RIFF LIST chunk, an Ogg comment packet,
+# an MP4 ilst item) into memory whole: a file whose tags are larger than this is
+# refused rather than parsed. Cover art is the largest thing tags legitimately hold.
+MAX_TAG_BYTES = 16 * 1024 * 1024
+# The MP4 moov box holds the tags and the sample tables (a few MB for hours of audio).
+MAX_MOOV_BYTES = 64 * 1024 * 1024
+MAX_BOXES = 10_000
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,71 @@ def _check_flac(path: Path, size: int) -> None:
             f.seek(end)
 
 
+def _check_id3(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(10)
+    if head.startswith(b"ID3") and _id3_end(head) - 10 > MAX_TAG_BYTES:
+        raise NotAudio("ID3 tag too large")
+
+
+def _check_riff_chunks(path: Path, size: int) -> None:
+    """No chunk but the audio itself is larger than MAX_TAG_BYTES."""
+    with path.open("rb") as f:
+        pos = 12
+        for _ in range(MAX_BOXES):
+            f.seek(pos)
+            header = f.read(8)
+            if len(header) < 8:
+                return
+            length = struct.unpack("<I", header[4:8])[0]
+            if header[:4] != b"data" and length > MAX_TAG_BYTES:
+                raise NotAudio(f"RIFF chunk {header[:4]!r} too large")
+            pos += 8 + length + (length & 1)
+    raise NotAudio("too many RIFF chunks")
+
+
+def _check_mp4_boxes(path: Path, size: int) -> None:
+    with path.open("rb") as f:
+        pos = 0
+        for _ in range(MAX_BOXES):
+            f.seek(pos)
+            header = f.read(16)
+            if len(header) < 8:
+                return
+            length = struct.unpack(">I", header[:4])[0]
+            if length == 1 and len(header) == 16:
+                length = struct.unpack(">Q", header[8:16])[0]
+            elif length == 0:
+                length = size - pos
+            if length < 8:
+                raise NotAudio("bad MP4 box")
+            if header[4:8] == b"moov" and length > MAX_MOOV_BYTES:
+                raise NotAudio("MP4 moov box too large")
+            pos += length
+    raise NotAudio("too many MP4 boxes")
+
+
+def _check_ogg_headers(path: Path) -> None:
+    """The identification and comment packets (the first two) are of sane size."""
+    packets, current = 0, 0
+    with path.open("rb") as f:
+        for _ in range(MAX_BOXES):
+            header = f.read(27)
+            if len(header) < 27 or not header.startswith(b"OggS"):
+                return  # tinytag judges the rest
+            lacing = f.read(header[26])
+            for value in lacing:
+                current += value
+                if current > MAX_TAG_BYTES:
+                    raise NotAudio("Ogg header packet too large")
+                if value < 255:
+                    packets, current = packets + 1, 0
+                    if packets >= 2:
+                        return
+            f.seek(sum(lacing), 1)
+    raise NotAudio("Ogg header packets never end")
+
+
 def _check_webm(path: Path, size: int) -> None:
     with path.open("rb") as f:
         head = f.read(SNIFF_BYTES)
@@ -146,8 +218,14 @@ def verify(path: Path, kind: AudioType) -> TinyTag | None:
     or is visibly cut short.
     """
     size = path.stat().st_size
+    _check_id3(path)
     if kind is WAV:
         _check_wav(path, size)
+        _check_riff_chunks(path, size)
+    elif kind is M4A:
+        _check_mp4_boxes(path, size)
+    elif kind in (OGG, OPUS):
+        _check_ogg_headers(path)
     elif kind is FLAC:
         _check_flac(path, size)
     elif kind is WEBM:

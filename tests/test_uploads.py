@@ -556,3 +556,39 @@ def test_stale_part_files_are_swept(tmp_path: Path) -> None:
     assert uploads.sweep_stale_parts(tmp_path, now) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.part", "titles.json"]
     assert uploads.sweep_stale_parts(tmp_path / "missing", now) == 0
+
+
+def _huge_id3_mp3() -> bytes:
+    text = b"\x03" + b"x" * (17 * MiB)  # one 17 MB TXXX-ish frame, UTF-8
+    frame = b"TIT2" + len(text).to_bytes(4, "big") + b"\x00\x00" + text
+    size = len(frame)
+    synchsafe = bytes([(size >> 21) & 0x7F, (size >> 14) & 0x7F, (size >> 7) & 0x7F, size & 0x7F])
+    return b"ID3\x04\x00\x00" + synchsafe + frame + audio.MP3_FRAME * 10
+
+
+def _huge_list_wav() -> bytes:
+    data = audio.wav(1.0)
+    chunk = b"LIST" + (17 * MiB).to_bytes(4, "little") + b"INFO" + b"\x00" * (17 * MiB - 4)
+    data += chunk
+    return data[:4] + (len(data) - 8).to_bytes(4, "little") + data[8:]
+
+
+@pytest.mark.parametrize("maker", [_huge_id3_mp3, _huge_list_wav], ids=["id3", "riff-list"])
+async def test_oversized_tags_are_refused_without_parsing_them(
+    server: Server, tmp_path: Path, maker: Any
+) -> None:
+    """tinytag reads a tag whole; a file with an enormous one is refused before that."""
+    source = tmp_path / "tags.bin"
+    source.write_bytes(maker())
+    async with host_of(server) as host:
+        token = token_of(host)
+        tracemalloc.start()
+        try:
+            response = await post(server, token, filename="tags.mp3", path=source)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert_error(response, 415, "unreadable_audio")
+    assert "too large" in response.json()["message"]
+    assert peak < 8 * MiB
+    assert media_files(server) == []
