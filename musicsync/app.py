@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,6 +14,12 @@ from quart import Response, abort, jsonify, request, send_file, websocket
 from quart_trio import QuartTrio
 
 from . import __version__
+from .access import (
+    SECURITY_HEADERS,
+    content_security_policy,
+    origin_allowed,
+    verify_password,
+)
 from .clock import ServerClock
 from .config import Settings
 from .demo import ensure_demo_tracks
@@ -23,6 +31,7 @@ from .hub import (
     CLOSE_SLOW,
     CLOSE_TOO_BIG,
     CLOSE_TOO_MANY,
+    CLOSE_UNAUTHORIZED,
     Client,
     Hub,
 )
@@ -33,6 +42,7 @@ from .ops import register_ops_routes
 from .outbox import PendingPong
 from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
 from .ratelimit import RateLimiter, Verdict
+from .room import Track
 from .store import RoomStore
 from .uploads import FlowHTTPConnection, FlowRequest, handle_upload, max_request_bytes
 from .urls import is_valid_room_name, sanitize_display_name
@@ -86,6 +96,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         restored = await hub.restore_rooms()
         if restored:
             log.info("restored %d room(s) from %s", restored, store.path)
+        hub.track_lookup = _library_lookup(library)
         state["hub"] = app.extensions["musicsync_hub"] = hub
         app.nursery.start_soon(library.refresh)  # library ids resolve before anyone lists
 
@@ -98,12 +109,24 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     register_ops_routes(app, settings, hub)  # /metrics, /api/share, /api/qr.svg
 
+    csp = content_security_policy(index_html)
+
     def page() -> Response:
         return Response(
             index_html,
             content_type="text/html; charset=utf-8",
-            headers={"Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache", "Content-Security-Policy": csp},
         )
+
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(b"", status=204)
 
     @app.get("/")
     async def index() -> Response:
@@ -144,7 +167,40 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         response = await send_file(path, mimetype=content_type_for(path), conditional=True)
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Cache-Control"] = "no-cache"
+        allow = _cors_allow(request.headers.get("Origin"), settings.cors_origins)
+        if allow is not None:
+            response.headers["Access-Control-Allow-Origin"] = allow
+            response.headers["Access-Control-Expose-Headers"] = "Content-Range, Accept-Ranges"
+            if allow != "*":
+                response.headers["Vary"] = "Origin"
         return response
+
+    @app.get("/api/admin/rooms")
+    async def admin_rooms() -> Any:
+        _require_admin(settings)
+        h = hub()
+        return jsonify(
+            rooms=[
+                {
+                    "name": name,
+                    "participants": len(entry.room.participants),
+                    "connections": len(entry.clients),
+                    "version": entry.room.version,
+                    "playing": not entry.room.timeline.paused,
+                    "track": entry.room.track.to_wire() if entry.room.track else None,
+                    "protected": entry.room.password_hash is not None,
+                }
+                for name, entry in sorted(h.rooms.items())
+            ]
+        )
+
+    @app.post("/api/admin/rooms/<name>/close")
+    async def admin_close_room(name: str) -> Any:
+        _require_admin(settings)
+        closed = await hub().close_room(name)
+        if closed is None:
+            abort(404)
+        return jsonify(closed=name, disconnected=closed)
 
     @app.websocket("/ws/<room_name>")
     async def ws(room_name: str) -> None:
@@ -158,23 +214,82 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
             await websocket.accept()
             await websocket.close(CLOSE_TOO_MANY, "too many connections from this address")
             return
+        origin = websocket.headers.get("Origin")
+        if not origin_allowed(origin, websocket.scheme, websocket.host, settings.allowed_origins):
+            h.stats.errors["bad_origin"] += 1
+            abort(403)  # before the upgrade: another site cannot drive a visitor in
         token = websocket.args.get("token") or None
         entry = h.rooms.get(room_name)
-        if token and entry is not None and entry.room.is_banned(token, h.clock.now_ms()):
-            await websocket.accept()
-            await websocket.send(error_frame("kicked", "you were removed from this room"))
-            await websocket.close(CLOSE_KICKED, "kicked")
+        now = h.clock.now_ms()
+        if token and entry is not None and entry.room.is_banned(token, now):
+            await _refuse(websocket, "kicked", "you were removed from this room", CLOSE_KICKED)
             return
+        role = None
+        if entry is not None:
+            admitted, role = entry.room.admission(now, token, websocket.args.get("invite"))
+            if not admitted:
+                refusal = await _check_password(h, entry.room, ip, websocket.args.get("password"))
+                if refusal is not None:
+                    await _refuse(websocket, *refusal)
+                    return
         await websocket.accept()
         client = h.new_client(ip)
         name = sanitize_display_name(websocket.args.get("name"))
         try:
-            h.join(room_name, client, name, resume_token=token)
+            h.join(room_name, client, name, resume_token=token, role=role)
             await serve_client(h, room_name, client, websocket)
         finally:
             h.leave(room_name, client)
 
     return app
+
+
+async def _refuse(ws: Any, code: str, message: str, close_code: int) -> None:
+    """Accept only to say why in a typed error frame, then close."""
+    await ws.accept()
+    await ws.send(error_frame(code, message))
+    await ws.close(close_code, code)
+
+
+async def _check_password(
+    hub: Hub, room: Any, ip: str, password: str | None
+) -> tuple[str, str, int] | None:
+    """None if ``password`` opens ``room``; else the refusal (code, message, close code)."""
+    if not password:
+        return "password_required", "this room needs a password", CLOSE_UNAUTHORIZED
+    if not hub.password_attempt_allowed(ip):
+        return "rate_limited", "too many password attempts; wait a minute", CLOSE_TOO_MANY
+    stored = room.password_hash
+    ok = stored is not None and await trio.to_thread.run_sync(verify_password, password, stored)
+    if not ok:
+        hub.stats.errors["bad_password"] += 1
+        return "bad_password", "wrong password", CLOSE_UNAUTHORIZED
+    return None
+
+
+def _cors_allow(origin: str | None, allowed: tuple[str, ...]) -> str | None:
+    if "*" in allowed:
+        return "*"
+    if origin is not None and origin.lower() in allowed:
+        return origin
+    return None
+
+
+def _require_admin(settings: Settings) -> None:
+    expected = settings.admin_token
+    given = request.headers.get("Authorization", "")
+    if expected is None:
+        abort(404)  # the operator API is off
+    if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        abort(401)
+
+
+def _library_lookup(library: Library) -> Callable[[str], Track | None]:
+    def lookup(track_id: str) -> Track | None:
+        found = library.lookup(track_id)
+        return Track(found.url, found.title, found.duration) if found is not None else None
+
+    return lookup
 
 
 class Transport(Protocol):

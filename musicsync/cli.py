@@ -86,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"TOML file of settings [{CONFIG_ENV}]",
     )
     for option in OPTIONS:
-        if option.kind == "bool":
+        if option.kind == "list":
+            s.add_argument(
+                option.flag,
+                dest=option.field,
+                type=_argparse_type(option),
+                action="append",
+                metavar=option.metavar,
+                default=argparse.SUPPRESS,
+                help=_help(option),
+            )
+        elif option.kind == "bool":
             s.add_argument(
                 option.flag,
                 dest=option.field,
@@ -112,6 +122,9 @@ def settings_from_args(
 ) -> Settings:
     """Settings for parsed ``serve`` arguments: flag > environment > TOML file > default."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    for option in OPTIONS:
+        if option.kind == "list" and option.field in flags:  # appended tuples: flatten
+            flags[option.field] = tuple(x for group in flags[option.field] for x in group)
     config_file: Path | None = getattr(args, "config", None)
     return resolve_settings(flags, os.environ if environ is None else environ, config_file)
 

@@ -74,6 +74,12 @@ class Settings:
     proxy_hops: int = 0
     shutdown_grace: float = SHUTDOWN_GRACE
     upload_max_bytes: int = UPLOAD_MAX_BYTES
+    # Browser origins allowed to open the WebSocket besides the page's own.
+    allowed_origins: tuple[str, ...] = ()
+    # Origins (or "*") allowed to fetch /media/ cross-origin; none by default.
+    cors_origins: tuple[str, ...] = ()
+    # Bearer token for the operator's /api/admin/ endpoints; None disables them.
+    admin_token: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -204,15 +210,39 @@ class Option:
             "bool": isinstance(value, bool),
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
         }.get(self.kind, isinstance(value, str))
         if not ok:
             raise ConfigError(f"{source}: {self.key} must be a TOML {self.kind}, not {value!r}")
         if isinstance(value, bool):
             value = "true" if value else "false"
+        if isinstance(value, list):
+            value = ",".join(value)
         result = self.from_text(str(value), source)
         if isinstance(result, Path) and not result.is_absolute():
             result = base / result  # relative to the file that names it
         return result
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """Comma-separated origins like https://example.com (or "*")."""
+    result = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item != "*":
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(f"{item!r} is not an origin like https://example.com")
+            item = f"{parts.scheme}://{parts.netloc}".lower()
+        result.append(item)
+    return tuple(result)
+
+
+def _secret(text: str) -> str:
+    if len(text) < 16:
+        raise ValueError("use at least 16 characters")
+    return text
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -317,6 +347,30 @@ OPTIONS: tuple[Option, ...] = (
         "on SIGTERM, wait this long for clients to be told to reconnect",
         "float",
         "SECONDS",
+    ),
+    Option(
+        "allowed-origin",
+        "allowed_origins",
+        _origins,
+        "another origin allowed to open the WebSocket (repeatable; the page's own always is)",
+        "list",
+        "ORIGIN",
+    ),
+    Option(
+        "cors-origin",
+        "cors_origins",
+        _origins,
+        "origin allowed to fetch /media/ cross-origin, or * (repeatable; default none)",
+        "list",
+        "ORIGIN",
+    ),
+    Option(
+        "admin-token",
+        "admin_token",
+        _secret,
+        "bearer token that enables the operator API under /api/admin/",
+        "str",
+        "TOKEN",
     ),
     Option(
         "upload-max-mb",

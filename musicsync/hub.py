@@ -15,12 +15,15 @@ from typing import Any
 
 import trio
 
+from .access import hash_password
 from .clock import ServerClock
 from .config import Settings
 from .metrics import Metrics
 from .outbox import Outbox, OutboxOverflow, PendingPong
-from .protocol import ClientMessage, QueueAdd, encode, error_frame
+from .protocol import ClientMessage, QueueAdd, SetPassword, encode, error_frame
+from .ratelimit import TokenBucket
 from .room import (
+    HOST,
     PLAYBACK_ROLES,
     BroadcastPresence,
     BroadcastState,
@@ -35,12 +38,18 @@ from .store import RoomStore, StoreError
 
 log = logging.getLogger(__name__)
 
+MAX_TRACKED_ADDRESSES = 10_000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_HEARTBEAT = 4000
 CLOSE_SLOW = 4008
+CLOSE_UNAUTHORIZED = 4401
 CLOSE_KICKED = 4403
+CLOSE_ROOM_CLOSED = 4410
+# Wrong-password guesses allowed per address: a burst, then one every 12 s.
+PASSWORD_ATTEMPT_BURST = 5.0
+PASSWORD_ATTEMPTS_PER_SECOND = 1 / 12
 CLOSE_REPLACED = 4409
 CLOSE_BAD_ROOM = 4400
 CLOSE_TOO_MANY = 4429
@@ -135,6 +144,7 @@ class Hub:
         self.rooms: dict[str, RoomEntry] = {}
         self.track_lookup: Callable[[str], Track | None] | None = None
         self.per_ip: Counter[str] = Counter()
+        self._password_buckets: dict[str, TokenBucket] = {}
         self.stats = HubStats()
         self.metrics = Metrics(self)
         self.closing = False
@@ -168,6 +178,28 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return sum(self.per_ip.values())
+
+    def password_attempt_allowed(self, ip: str) -> bool:
+        if len(self._password_buckets) > MAX_TRACKED_ADDRESSES:
+            self._password_buckets.clear()  # bounded memory under a distributed storm
+        bucket = self._password_buckets.setdefault(
+            ip, TokenBucket(PASSWORD_ATTEMPTS_PER_SECOND, PASSWORD_ATTEMPT_BURST)
+        )
+        return bucket.try_take(trio.current_time())
+
+    async def close_room(self, room_name: str) -> int | None:
+        """Operator action: disconnect everyone and forget the room (and its storage)."""
+        entry = self.rooms.pop(room_name, None)
+        if entry is None:
+            return None
+        clients = list(entry.clients.values())
+        entry.clients.clear()
+        for client in clients:
+            client.fail(CLOSE_ROOM_CLOSED, "room closed by the operator")
+        entry.empty_since = trio.current_time() - self.settings.room_idle_ttl
+        entry.wake()
+        await self._forget(room_name)
+        return len(clients)
 
     def admits(self, ip: str) -> bool:
         return self.per_ip[ip] < self.settings.max_connections_per_ip
@@ -303,8 +335,22 @@ class Hub:
         entry = self.rooms[room_name]
         if isinstance(msg, QueueAdd) and msg.track_id is not None and msg.url is None:
             msg = self._resolve_queue_add(msg)
-        effects = entry.room.handle(client.id, msg, self.clock.now_ms())
+        if isinstance(msg, SetPassword):
+            effects = await self._set_password(entry, client, msg.password)
+        else:
+            effects = entry.room.handle(client.id, msg, self.clock.now_ms())
         await self._persist_then_apply(entry, effects)
+
+    async def _set_password(
+        self, entry: RoomEntry, client: Client, password: str | None
+    ) -> list[Effect]:
+        sender = entry.room.participants.get(client.id)
+        if sender is None or sender.role != HOST:
+            return [Error(client.id, "not_host", "only the host may set the password")]
+        hashed = None
+        if password:
+            hashed = await trio.to_thread.run_sync(hash_password, password)
+        return entry.room.set_password_hash(client.id, hashed)
 
     async def _persist_then_apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
         if any(isinstance(e, (BroadcastState, BroadcastPresence)) for e in effects):

@@ -235,6 +235,45 @@ def _engine(value: Any, name: str) -> str:
     return str(value)
 
 
+MAX_PASSWORD_LENGTH = 256
+MIN_INVITE_SECONDS = 60.0
+MAX_INVITE_SECONDS = 30 * 24 * 3600.0
+
+
+def _expiry(value: Any, name: str) -> float:
+    result = _number(value, name)
+    if not MIN_INVITE_SECONDS <= result <= MAX_INVITE_SECONDS:
+        raise ProtocolError(
+            "bad_message",
+            f"field {name!r} must be {MIN_INVITE_SECONDS:.0f}-{MAX_INVITE_SECONDS:.0f} seconds",
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class SetPassword:
+    """Protect the room (a string) or open it again (null)."""
+
+    TYPE: ClassVar[str] = "set_password"
+    CONTROL: ClassVar[bool] = True
+    password: str | None = _f(_optional(_string(MAX_PASSWORD_LENGTH)))
+
+
+@dataclass(frozen=True)
+class CreateInvite:
+    TYPE: ClassVar[str] = "create_invite"
+    CONTROL: ClassVar[bool] = True
+    role: str = _f(_choice("listener", "cohost"))
+    expires_in: float = _f(_expiry, 24 * 3600.0)
+
+
+@dataclass(frozen=True)
+class RevokeInvite:
+    TYPE: ClassVar[str] = "revoke_invite"
+    CONTROL: ClassVar[bool] = True
+    code: str = _f(_string(MAX_ID_LENGTH))
+
+
 @dataclass(frozen=True)
 class Report:
     """A client's sync figures, a few times a minute; they feed /metrics histograms.
@@ -265,6 +304,9 @@ ClientMessage = (
     | QueueMove
     | QueueNext
     | QueueMode
+    | SetPassword
+    | CreateInvite
+    | RevokeInvite
     | Ping
     | Report
 )
@@ -286,6 +328,9 @@ CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
         QueueMove,
         QueueNext,
         QueueMode,
+        SetPassword,
+        CreateInvite,
+        RevokeInvite,
         Ping,
         Report,
     )

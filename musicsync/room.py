@@ -26,12 +26,15 @@ caller broke this module's contract, e.g. an unknown participant id) raises.
 from __future__ import annotations
 
 import random
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .protocol import (
     ClaimHost,
     ClientMessage,
+    CreateInvite,
     Kick,
     Pause,
     Play,
@@ -40,8 +43,10 @@ from .protocol import (
     QueueMove,
     QueueNext,
     QueueRemove,
+    RevokeInvite,
     RoomSettingsUpdate,
     Seek,
+    SetPassword,
     SetTrack,
     TransferHost,
     Volume,
@@ -65,6 +70,7 @@ PRESENCE_MAX_COALESCE_MS = 2000.0
 # the current one ends, so every client has it (and the track) in time.
 ADVANCE_NOTICE_MS = 4000.0
 MAX_QUEUE_ITEMS = 500
+MAX_INVITES = 100
 MS_PER_SECOND = 1000.0
 DEFAULT_VOLUME = 1.0
 
@@ -172,6 +178,13 @@ class RoomSettings:
     listeners_may_upload: bool = False
 
 
+@dataclass(frozen=True)
+class Invite:
+    code: str
+    role: str
+    expires_at: float
+
+
 @dataclass
 class _Reservation:
     participant: Participant
@@ -197,8 +210,12 @@ class Room:
         name: str,
         resume_grace_ms: float = RESUME_GRACE_MS,
         rng: random.Random | None = None,
+        new_code: Callable[[], str] = lambda: secrets.token_urlsafe(16),
     ) -> None:
         self.name = name
+        self.password_hash: str | None = None  # set by the edge, which does the hashing
+        self.invites: dict[str, Invite] = {}
+        self._new_code = new_code
         self.queue: list[QueueItem] = []
         self.repeat = "off"  # off | one | all
         self.shuffle = False
@@ -235,6 +252,32 @@ class Room:
                 return p
         return None
 
+    def holds_seat(self, token: str) -> bool:
+        """True for the token of someone seated now or within their resume grace."""
+        return token in self._reserved or self.participant_for_token(token) is not None
+
+    def valid_invite(self, code: str, now: float) -> Invite | None:
+        invite = self.invites.get(code)
+        return invite if invite is not None and now < invite.expires_at else None
+
+    def admission(
+        self, now: float, token: str | None = None, invite: str | None = None
+    ) -> tuple[bool, str | None]:
+        """(may enter without a password, role an invite grants) for a new connection."""
+        granted = self.valid_invite(invite, now) if invite else None
+        role = granted.role if granted else None
+        if self.password_hash is None or granted is not None:
+            return True, role
+        return bool(token and self.holds_seat(token)), role
+
+    def set_password_hash(self, pid: str, password_hash: str | None) -> list[Effect]:
+        """The host protects the room (a salted hash made by the edge) or opens it."""
+        sender = self.participants.get(pid)
+        if sender is None or sender.role != HOST:
+            return [Error(pid, "not_host", "only the host may set the password")]
+        self.password_hash = password_hash
+        return self._commit()
+
     def is_banned(self, token: str, now: float) -> bool:
         until = self._banned.get(token)
         return until is not None and now < until
@@ -257,7 +300,10 @@ class Room:
             "volume": self.volume,
             "rate": self.timeline.rate,
             "version": self.version,
-            "settings": {"listeners_may_upload": self.settings.listeners_may_upload},
+            "settings": {
+                "listeners_may_upload": self.settings.listeners_may_upload,
+                "protected": self.password_hash is not None,
+            },
             "queue": [item.to_wire() for item in self.queue],
             "repeat": self.repeat,
             "shuffle": self.shuffle,
@@ -303,6 +349,11 @@ class Room:
                 if p.token is not None
             ],
             "banned": self._banned,
+            "password_hash": self.password_hash,
+            "invites": {
+                code: {"role": inv.role, "expires_at": inv.expires_at}
+                for code, inv in self.invites.items()
+            },
         }
 
     @classmethod
@@ -327,7 +378,13 @@ class Room:
         )
         room.volume = float(state["volume"])
         room.version = int(state["version"])
-        room.settings = RoomSettings(**state.get("settings", {}))
+        saved = state.get("settings", {})
+        room.settings = RoomSettings(listeners_may_upload=bool(saved.get("listeners_may_upload")))
+        room.password_hash = snap.get("password_hash")
+        room.invites = {
+            code: Invite(code, inv["role"], float(inv["expires_at"]))
+            for code, inv in snap.get("invites", {}).items()
+        }
         room.queue = [
             QueueItem(q["id"], Track(q["url"], q["title"], q["duration"]), q["added_by"])
             for q in state.get("queue", [])
@@ -483,12 +540,21 @@ class Room:
             return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
         if isinstance(msg, Kick):
             return self.kick(pid, msg.id, now)
-        if isinstance(msg, (TransferHost, RoomSettingsUpdate)) and sender.role != HOST:
+        if (
+            isinstance(msg, (TransferHost, RoomSettingsUpdate, CreateInvite, RevokeInvite))
+            and sender.role != HOST
+        ):
             return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
         if isinstance(msg, TransferHost):
             return self._transfer(sender, msg.to, now)
         if isinstance(msg, RoomSettingsUpdate):
             return self._update_settings(msg)
+        if isinstance(msg, CreateInvite):
+            return self._create_invite(sender, msg, now)
+        if isinstance(msg, RevokeInvite):
+            return self._revoke_invite(sender, msg.code)
+        if isinstance(msg, SetPassword):
+            raise TypeError("set_password needs hashing at the edge: use set_password_hash")
         if isinstance(msg, SetTrack):
             return self._set_track(sender, msg, now)
         if isinstance(msg, Play):
@@ -685,6 +751,27 @@ class Room:
             return effects
         duration = self.track.duration if self.track else None
         return self._commit(Timeline(paused=True, position=duration or 0.0, start_at=end))
+
+    def _create_invite(self, sender: Participant, msg: CreateInvite, now: float) -> list[Effect]:
+        for code, invite in list(self.invites.items()):
+            if now >= invite.expires_at:
+                del self.invites[code]
+        if len(self.invites) >= MAX_INVITES:
+            return [Error(sender.id, "too_many_invites", f"at most {MAX_INVITES} live invites")]
+        invite = Invite(self._new_code(), msg.role, now + msg.expires_in * MS_PER_SECOND)
+        self.invites[invite.code] = invite
+        payload = {
+            "code": invite.code,
+            "role": invite.role,
+            "expires_at": invite.expires_at,
+            "url": f"/r/{self.name}?invite={invite.code}",
+        }
+        return [Reply(sender.id, "invite", payload)]
+
+    def _revoke_invite(self, sender: Participant, code: str) -> list[Effect]:
+        if self.invites.pop(code, None) is None:
+            return [Error(sender.id, "no_such_invite", "no live invite with that code")]
+        return [Reply(sender.id, "invite_revoked", {"code": code})]
 
     def _update_settings(self, msg: RoomSettingsUpdate) -> list[Effect]:
         if msg.listeners_may_upload is None:

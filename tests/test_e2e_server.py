@@ -368,7 +368,7 @@ async def test_room_settings_are_host_only_and_broadcast(server: Server) -> None
         await listener.expect_error("not_host")
         await host.send("room_settings", listeners_may_upload=True)
         state = await listener.expect_state(version=1)
-        assert state["settings"] == {"listeners_may_upload": True}
+        assert state["settings"] == {"listeners_may_upload": True, "protected": False}
         hub = server.hub
         participant = hub.participant_for_token("main", listener.welcome["you"]["token"])
         assert participant is not None and hub.may_upload("main", participant)

@@ -101,7 +101,7 @@ def test_welcome_carries_you_room_participants_time_and_lead() -> None:
             "paused": True,
             "position": 0.0,
             "start_at": 0.0,
-            "settings": {"listeners_may_upload": False},
+            "settings": {"listeners_may_upload": False, "protected": False},
             "queue": [],
             "repeat": "off",
             "shuffle": False,
