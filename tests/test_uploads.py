@@ -592,3 +592,14 @@ async def test_oversized_tags_are_refused_without_parsing_them(
     assert "too large" in response.json()["message"]
     assert peak < 8 * MiB
     assert media_files(server) == []
+
+
+async def test_uploaded_and_listed_tracks_can_be_queued_by_id(server: Server) -> None:
+    """The whole path: upload, then queue_add by the id the library gave it."""
+    async with host_of(server) as host:
+        response = await post(server, token_of(host), data=audio.wav(3.0, title="Queue Me"))
+        assert response.status_code == 201, response.text
+        track = response.json()["track"]
+        await host.send("queue_add", track_id=track["id"])
+        state = await host.expect_state(version=1)
+        assert state["track"] == {"url": track["url"], "title": "Queue Me", "duration": 3.0}
