@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ PUBLISH_ATTEMPTS = 8
 # Part files this old are left over from a crash (a live upload writes at least
 # every UPLOAD_IDLE_TIMEOUT): the next upload removes them.
 STALE_PART_SECONDS = 3600.0
+# An upload whose declared size would leave less than this free is refused (507).
+DISK_RESERVE_BYTES = 64 * MiB
 
 
 def max_request_bytes(upload_max_bytes: int) -> int:
@@ -271,6 +274,14 @@ def sweep_stale_parts(staging: Path, now: float | None = None) -> int:
     return removed
 
 
+async def _free_bytes(path: Path) -> float:
+    try:
+        usage = await trio.to_thread.run_sync(shutil.disk_usage, path)
+    except OSError:
+        return float("inf")  # unknown: let the write itself fail if it must
+    return float(usage.free)
+
+
 def _publish(part: Path, media_dir: Path, slug: str, ext: str) -> str:
     """Move ``part`` into ``media_dir`` under a new generated name; the name (blocking)."""
     with part.open("rb") as f:
@@ -331,6 +342,8 @@ async def store_upload(
     if request.mimetype != "multipart/form-data" or not boundary:
         raise UploadError(400, "bad_request", "send multipart/form-data with a 'file' field")
     media_dir = library.root
+    if length is not None and length + DISK_RESERVE_BYTES > await _free_bytes(media_dir):
+        raise UploadError(507, "storage_error", "not enough free space for this file")
     staging = media_dir / UPLOADS_DIR
     upload = _Upload(staging, max_bytes)
     try:

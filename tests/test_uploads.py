@@ -603,3 +603,19 @@ async def test_uploaded_and_listed_tracks_can_be_queued_by_id(server: Server) ->
         await host.send("queue_add", track_id=track["id"])
         state = await host.expect_state(version=1)
         assert state["track"] == {"url": track["url"], "title": "Queue Me", "duration": 3.0}
+
+
+async def test_upload_larger_than_the_free_space_is_507_up_front(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = uploads.shutil.disk_usage
+
+    def nearly_full(path: Any) -> Any:
+        return real(path)._replace(free=uploads.DISK_RESERVE_BYTES + 1000)
+
+    monkeypatch.setattr(uploads.shutil, "disk_usage", nearly_full)
+    async with host_of(server) as host:
+        assert_error(await post(server, token_of(host), data=audio.wav(1.0)), 507, "storage_error")
+        monkeypatch.setattr(uploads.shutil, "disk_usage", real)
+        assert (await post(server, token_of(host), data=audio.wav(1.0))).status_code == 201
+    assert staged(server) == []
