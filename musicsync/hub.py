@@ -38,21 +38,24 @@ from .store import RoomStore, StoreError
 
 log = logging.getLogger(__name__)
 
-MAX_TRACKED_ADDRESSES = 10_000
+# Close codes (docs/protocol.md lists them all).
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_HEARTBEAT = 4000
 CLOSE_SLOW = 4008
+CLOSE_BAD_ROOM = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_KICKED = 4403
+CLOSE_REPLACED = 4409
 CLOSE_ROOM_CLOSED = 4410
+CLOSE_TOO_MANY = 4429
+
 # Wrong-password guesses allowed per address: a burst, then one every 12 s.
 PASSWORD_ATTEMPT_BURST = 5.0
 PASSWORD_ATTEMPTS_PER_SECOND = 1 / 12
-CLOSE_REPLACED = 4409
-CLOSE_BAD_ROOM = 4400
-CLOSE_TOO_MANY = 4429
+# Per-address buckets kept at most; past this they are dropped wholesale.
+MAX_TRACKED_ADDRESSES = 10_000
 
 
 class Client:
