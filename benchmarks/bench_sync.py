@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="webaudio,element")
     parser.add_argument("--seed", type=int, default=1, help="proxy delay seed")
     parser.add_argument(
+        "--delay-ms",
+        default="20,80",
+        help="the proxy's random one-way delay range in ms (default: 20,80)",
+    )
+    parser.add_argument(
         "--ppm",
         default="0,0,0",
         help="clock rate error of the three pages in ppm, e.g. -80,0,120 (default: none)",
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     ppms = tuple(float(x) for x in args.ppm.split(","))
+    lo, hi = (float(x) for x in args.delay_ms.split(","))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         media = Path(tmp)
@@ -131,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         write_click_track(media / TRACK_NAME, seconds=int(args.seconds * 1.5) + 150)
         server = start_server(media)
         try:
-            with DelayProxy(server.port, seed=args.seed) as proxy, sync_playwright() as pw:
+            with (
+                DelayProxy(server.port, (lo, hi), seed=args.seed) as proxy,
+                sync_playwright() as pw,
+            ):
                 browser = launch_chromium(pw)
                 try:
                     for engine in args.engines.split(","):
@@ -164,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['abs_err_p50_ms']:>9.2f} {r['converge_s']:>11.2f} {goal:>9}"
         )
     print(
-        json.dumps({"benchmark": "sync", "seconds": args.seconds, "ppm": ppms, "results": results}),
+        json.dumps(
+            {
+                "benchmark": "sync",
+                "seconds": args.seconds,
+                "ppm": ppms,
+                "delay_ms": [lo, hi],
+                "results": results,
+            }
+        ),
         flush=True,
     )
     return 0 if all(r["goal_met"] for r in results) else 1

@@ -199,7 +199,7 @@ def test_reconnect_and_reload_keep_the_room_together(browser: Any, proxy: DelayP
             20,
             what="reconnected",
         )
-        after = measure(pages, 2.0, Phase("after"), 0.5)
+        after = measure(pages, 3.0, Phase("after"), 0.5)
         pages[1].reload()
         wait_for(
             lambda: (probe(pages[1]) or {}).get("clockSamples", 0) >= 40,
