@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from http import HTTPStatus
 import logging
 from collections.abc import Callable
 from importlib import resources
@@ -157,6 +158,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.post("/api/upload")
     async def upload() -> Any:
         body, status = await handle_upload(request, hub(), library, settings.upload_max_bytes)
+        if status == HTTPStatus.CREATED:
+            hub().announce("library", track=body.get("track"))  # everyone re-lists
         return jsonify(body), status
 
     @app.get("/media/<path:subpath>")

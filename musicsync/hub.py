@@ -374,6 +374,13 @@ class Hub:
     def note_rtt(self, room_name: str, client: Client, rtt_ms: float) -> None:
         self.rooms[room_name].room.note_rtt(client.id, rtt_ms)
 
+    def announce(self, kind: str, **payload: Any) -> None:
+        """One frame to every client of every room, encoded once."""
+        frame = encode(kind, **payload)
+        for entry in self.rooms.values():
+            for client in entry.clients.values():
+                client.deliver(frame)
+
     def error(self, client: Client, code: str, message: str) -> None:
         self.stats.errors[code] += 1
         client.deliver(error_frame(code, message))

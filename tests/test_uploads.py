@@ -619,3 +619,16 @@ async def test_upload_larger_than_the_free_space_is_507_up_front(
         monkeypatch.setattr(uploads.shutil, "disk_usage", real)
         assert (await post(server, token_of(host), data=audio.wav(1.0))).status_code == 201
     assert staged(server) == []
+
+
+async def test_every_client_hears_of_a_new_upload(server: Server) -> None:
+    async with (
+        host_of(server) as host,
+        connect(server, "main", name="L") as listener,
+        connect(server, "elsewhere", name="O") as other_room,
+    ):
+        response = await post(server, token_of(host), filename="News.wav", data=audio.wav())
+        assert response.status_code == 201, response.text
+        for peer in (host, listener, other_room):
+            note = await peer.expect("library")
+            assert note["track"]["url"] == response.json()["track"]["url"]
