@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hmac
-from http import HTTPStatus
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
