@@ -44,6 +44,7 @@ from .outbox import PendingPong
 from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
 from .ratelimit import RateLimiter, Verdict
 from .room import Track
+from .sockets import set_permessage_deflate
 from .store import RoomStore
 from .uploads import FlowHTTPConnection, FlowRequest, handle_upload, max_request_bytes
 from .urls import is_valid_room_name, sanitize_display_name
@@ -69,6 +70,7 @@ def load_index_html() -> bytes:
 
 def create_app(settings: Settings | None = None) -> QuartTrio:
     settings = settings or Settings.from_env()
+    set_permessage_deflate(settings.websocket_compression)
     app = QuartTrio(__name__, static_folder=None)
     app.config["MUSICSYNC"] = settings
     # Uploads stream their body (with back-pressure); nothing else takes a larger one.

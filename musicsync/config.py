@@ -74,6 +74,8 @@ class Settings:
     proxy_hops: int = 0
     shutdown_grace: float = SHUTDOWN_GRACE
     upload_max_bytes: int = UPLOAD_MAX_BYTES
+    # permessage-deflate: off, our frames are tiny (and it costs ~47 KiB a connection).
+    websocket_compression: bool = False
     # Browser origins allowed to open the WebSocket besides the page's own.
     allowed_origins: tuple[str, ...] = ()
     # Origins (or "*") allowed to fetch /media/ cross-origin; none by default.
@@ -347,6 +349,13 @@ OPTIONS: tuple[Option, ...] = (
         "on SIGTERM, wait this long for clients to be told to reconnect",
         "float",
         "SECONDS",
+    ),
+    Option(
+        "websocket-compression",
+        "websocket_compression",
+        _parse_bool,
+        "accept permessage-deflate when a client offers it (default off)",
+        "bool",
     ),
     Option(
         "allowed-origin",

@@ -1,4 +1,4 @@
-"""Listening sockets whose connections the kernel aborts when a peer stops reading."""
+"""How we bend Hypercorn: kernel aborts for stuck peers, and no permessage-deflate."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import socket
 from typing import Any
 
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol import ws_stream
 
 MS_PER_SECOND = 1000
+EXTENSIONS_HEADER = b"sec-websocket-extensions"
 
 
 class StuckPeerConfig(HypercornConfig):
@@ -31,3 +33,25 @@ class StuckPeerConfig(HypercornConfig):
             for sock in sockets:
                 sock.setsockopt(socket.IPPROTO_TCP, option, int(self.user_timeout * MS_PER_SECOND))
         return sockets
+
+
+_HYPERCORN_HANDSHAKE = ws_stream.Handshake
+
+
+class _NoExtensionsHandshake(_HYPERCORN_HANDSHAKE):
+    """Hypercorn's handshake, blind to the client's ``Sec-WebSocket-Extensions``."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], http_version: str) -> None:
+        kept = [(name, value) for name, value in headers if name.lower() != EXTENSIONS_HEADER]
+        super().__init__(kept, http_version)
+
+
+def set_permessage_deflate(enabled: bool) -> None:
+    """Whether Hypercorn may accept permessage-deflate (it does whenever offered).
+
+    Our frames are tiny JSON; compression buys nothing and costs a zlib context
+    per connection (on the seed's stack: 33 -> 80 KiB per idle connection).
+    Hypercorn has no setting for this, so its handshake class is swapped for
+    one that ignores the offer. Process-wide: the last server started decides.
+    """
+    ws_stream.Handshake = _HYPERCORN_HANDSHAKE if enabled else _NoExtensionsHandshake  # type: ignore[misc]

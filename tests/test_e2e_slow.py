@@ -160,3 +160,29 @@ async def test_outbox_overflow_marks_client_slow(autojump_clock: trio.testing.Mo
     assert other.close_code is None
     assert len(other.outbox) == 1
     assert other.outbox.pop() == "state 99"
+
+
+async def handshake_headers(http_url: str) -> dict[bytes, bytes]:
+    host, port = http_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        ws = WSConnection(ConnectionType.CLIENT)
+        offer = [(b"sec-websocket-extensions", b"permessage-deflate; client_max_window_bits")]
+        await stream.send_all(ws.send(Request(host=host, target="/ws/main", extra_headers=offer)))
+        response = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in response:
+                response += await stream.receive_some()
+    head = response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b" 101 " in head[0]
+    return {k.strip().lower(): v.strip() for k, v in (h.split(b":", 1) for h in head[1:])}
+
+
+async def test_permessage_deflate_is_declined_by_default(tmp_path: Path) -> None:
+    async with open_server(make_settings(tmp_path)) as server:
+        assert b"sec-websocket-extensions" not in await handshake_headers(server.http)
+    async with open_server(make_settings(tmp_path, websocket_compression=True)) as server:
+        headers = await handshake_headers(server.http)
+        assert headers[b"sec-websocket-extensions"].startswith(b"permessage-deflate")
+    async with open_server(make_settings(tmp_path)) as server:
+        assert b"sec-websocket-extensions" not in await handshake_headers(server.http)
