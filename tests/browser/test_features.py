@@ -265,10 +265,17 @@ def test_reload_keeps_the_host_role_and_a_second_tab_replaces_the_first(pages: P
     assert role(other) == "host"
     wait_for(lambda: host.locator("#notice").is_visible(), 5, what="replaced notice")
     assert "another tab" in host.locator("#notice-text").inner_text()
+    assert host.locator("#mute").inner_text() == "Unmute"  # no double output on one device
     assert host.locator("#conn-text").inner_text() == "Disconnected"
     time.sleep(1.5)  # no reconnect loop fighting over the seat
     assert role(other) == "host"
     assert (probe(host) or {}).get("connection") == "closed"
+    # "Use this tab" takes the seat back; the other tab stops in turn
+    host.click("#notice-action")
+    wait_for(lambda: (probe(host) or {}).get("connection") == "open", 10, what="back")
+    wait_for(lambda: other.locator("#notice").is_visible(), 5, what="other replaced")
+    assert role(host) == "host" and not host.locator("#notice").is_visible()
+    assert host.locator("#mute").inner_text() == "Mute"
 
 
 @pytest.mark.browser
@@ -330,6 +337,8 @@ def test_host_removes_a_participant(pages: Pages) -> None:
     host.locator(".people li", has_text="Mal").locator("button", has_text="Remove").click()
     wait_for(lambda: victim.locator("#notice").is_visible(), 5, what="removed notice")
     assert "removed you" in victim.locator("#notice-text").inner_text()
+    assert victim.locator("#mute").inner_text() == "Unmute"  # silenced, not saved
+    assert victim.evaluate("localStorage.getItem('musicsync.muted')") in (None, "false")
     wait_for(lambda: host.locator(".people li").count() == 1, 5, what="gone from the list")
     time.sleep(1.5)  # and it does not come back on its own
     assert host.locator(".people li").count() == 1
