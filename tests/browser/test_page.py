@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -239,7 +240,14 @@ def test_device_latency_offset_plays_that_much_earlier(
         wait_clocks(pages, 20)
         set_track_and_play(find_host(pages))
         wait_all_valid(pages)
-        time.sleep(3.0 if engine == "element" else 1.0)
+        # until both engines report they are on their timelines (slower on a loaded machine)
+        wait_for(
+            lambda: all(abs((probe(p) or {}).get("drift", math.nan)) < 2.0 for p in pages),
+            20,
+            0.2,
+            what="both pages settled",
+        )
+        time.sleep(0.5)
         rounds = []
         for _ in range(10):
             if (r := sample_round(pages)) is not None:
