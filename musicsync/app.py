@@ -52,6 +52,7 @@ from .urls import is_valid_room_name, sanitize_display_name
 log = logging.getLogger(__name__)
 
 CLOSE_WRITE_TIMEOUT = 2.0  # seconds to send a close frame before giving up on it
+CLOSE_DRAIN_TIMEOUT = 5.0  # seconds to keep reading after our close frame
 FALLBACK_PAGE = b"<!doctype html><title>musicsync</title><p>musicsync is running."
 
 
@@ -162,7 +163,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         body, status = await handle_upload(request, hub(), library, settings.upload_max_bytes)
         if status == HTTPStatus.CREATED:
             hub().announce("library", track=body.get("track"))  # everyone re-lists
-        return jsonify(body), status
+            return jsonify(body), status
+        # A refused body may still be arriving (or trickling): end the connection.
+        return jsonify(body), status, {"Connection": "close"}
 
     @app.get("/media/<path:subpath>")
     async def media(subpath: str) -> Response:
@@ -219,34 +222,42 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
             await websocket.accept()
             await websocket.close(CLOSE_TOO_MANY, "too many connections from this address")
             return
-        origin = websocket.headers.get("Origin")
-        if not origin_allowed(origin, websocket.scheme, websocket.host, settings.allowed_origins):
-            h.stats.errors["bad_origin"] += 1
-            abort(403)  # before the upgrade: another site cannot drive a visitor in
-        token = websocket.args.get("token") or None
-        entry = h.rooms.get(room_name)
-        now = h.clock.now_ms()
-        if token and entry is not None and entry.room.is_banned(token, now):
-            await _refuse(websocket, "kicked", "you were removed from this room", CLOSE_KICKED)
-            return
-        role = None
-        if entry is not None:
-            admitted, role = entry.room.admission(now, token, websocket.args.get("invite"))
-            if not admitted:
-                refusal = await _check_password(h, entry.room, ip, websocket.args.get("password"))
-                if refusal is not None:
-                    await _refuse(websocket, *refusal)
-                    return
-        await websocket.accept()
+        # Count the connection before the first await, so a burst of handshakes
+        # cannot all pass the check above; leave() gives the slot back.
         client = h.new_client(ip)
-        name = sanitize_display_name(websocket.args.get("name"))
         try:
-            h.join(room_name, client, name, resume_token=token, role=role)
-            await serve_client(h, room_name, client, websocket)
+            await _admit_and_serve(h, settings, room_name, client)
         finally:
             h.leave(room_name, client)
 
     return app
+
+
+async def _admit_and_serve(hub: Hub, settings: Settings, room_name: str, client: Client) -> None:
+    """Origin, ban, password and invite checks; then seat the client and serve it."""
+    origin = websocket.headers.get("Origin")
+    if not origin_allowed(origin, websocket.scheme, websocket.host, settings.allowed_origins):
+        hub.stats.errors["bad_origin"] += 1
+        abort(403)  # before the upgrade: another site cannot drive a visitor in
+    token = websocket.args.get("token") or None
+    entry = hub.rooms.get(room_name)
+    now = hub.clock.now_ms()
+    if token and entry is not None and entry.room.is_banned(token, now):
+        await _refuse(websocket, "kicked", "you were removed from this room", CLOSE_KICKED)
+        return
+    role = None
+    if entry is not None:
+        admitted, role = entry.room.admission(now, token, websocket.args.get("invite"))
+        if not admitted:
+            password = websocket.args.get("password")
+            refusal = await _check_password(hub, entry.room, client.ip, password)
+            if refusal is not None:
+                await _refuse(websocket, *refusal)
+                return
+    await websocket.accept()
+    name = sanitize_display_name(websocket.args.get("name"))
+    hub.join(room_name, client, name, resume_token=token, role=role)
+    await serve_client(hub, room_name, client, websocket)
 
 
 async def _refuse(ws: Any, code: str, message: str, close_code: int) -> None:
@@ -378,6 +389,11 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
             if client.close_code is not None:
                 with trio.move_on_after(CLOSE_WRITE_TIMEOUT):
                     await ws.close(client.close_code, client.close_reason)
+                # The reader keeps draining what the peer had in flight until it
+                # answers the close (then the handler is cancelled); if nobody
+                # read, frames would fill Hypercorn's app queue and its
+                # connection task would block, never closing the socket.
+                await trio.sleep(CLOSE_DRAIN_TIMEOUT)
                 return
             await client.wait_for_frames()
             continue

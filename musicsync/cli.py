@@ -129,6 +129,9 @@ def settings_from_args(
     return resolve_settings(flags, os.environ if environ is None else environ, config_file)
 
 
+HTTP_READ_TIMEOUT = 60  # seconds (Hypercorn takes an int)
+
+
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -140,6 +143,10 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval
     config.graceful_timeout = settings.shutdown_grace
+    # Any connection that sends nothing for this long is closed by Hypercorn:
+    # bounds a request whose body never comes. WebSocket clients ping every
+    # 2-5 s and the app's heartbeat drops them after 30 s, well inside it.
+    config.read_timeout = HTTP_READ_TIMEOUT
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()

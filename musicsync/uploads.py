@@ -59,6 +59,10 @@ FEED_BYTES = 256 * KiB
 BODY_HIGH_WATER = MiB
 # An upload that sends nothing for this long is dropped (408).
 UPLOAD_IDLE_TIMEOUT = 30.0
+# After its first UPLOAD_IDLE_TIMEOUT, an upload must average at least this
+# rate, so a trickle of a few bytes a second cannot hold a socket and a part
+# file forever (408). 8 KiB/s is far below any real phone connection.
+UPLOAD_MIN_BYTES_PER_SECOND = 8 * KiB
 # After a refusal, read and discard at most this much of the rest of the body,
 # so that the client, which is still sending, gets to read the answer.
 DRAIN_MAX_BYTES = 16 * MiB
@@ -233,8 +237,13 @@ async def _receive(request: Request, upload: _Upload, boundary: bytes) -> None:
     decoder = MultipartDecoder(boundary, DECODER_BUFFER_MAX, max_parts=16)
     in_file = False
     body = request.body.__aiter__()
+    started, received = trio.current_time(), 0
     while True:
         chunk = await _next_chunk(body)
+        received += len(chunk or b"")
+        elapsed = trio.current_time() - started
+        if elapsed > UPLOAD_IDLE_TIMEOUT and received < UPLOAD_MIN_BYTES_PER_SECOND * elapsed:
+            raise UploadError(408, "timeout", "upload too slow: under 8 KiB/s on average")
         slices = (
             [None]
             if chunk is None

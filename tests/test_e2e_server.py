@@ -245,9 +245,12 @@ async def test_flood_is_rate_limited_then_closed_with_1008(server: Server) -> No
         # Hypercorn drops the TCP connection right after the close frame, so a
         # client still writing may see a reset (1006) instead of the 1008 frame.
         assert info.value.reason.code in (1008, 1006)
-        assert server.hub.stats.closes[1008] == 1
+        with trio.fail_after(10):  # the server drains the peer's frames after its close
+            while server.hub.stats.closes[1008] != 1:  # noqa: ASYNC110
+                await trio.sleep(0.05)
         assert server.hub.stats.errors["rate_limited"] >= 40
-        assert server.hub.stats.errors["host_exists"] <= 20
+        # the burst of 20 passes (plus what refills while the flood is read)
+        assert server.hub.stats.errors["host_exists"] <= 30
         await host.send("set_track", url=TRACK)
         await host.expect_state(version=1)
 

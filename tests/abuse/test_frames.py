@@ -200,14 +200,6 @@ def open_fds() -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a server-side close (1008 here), frames the client had already sent "
-    "fill Hypercorn's app queue (max_app_queue_size 10) with nobody left to read it; the "
-    "connection task blocks there, never reads the EOF and never closes its socket "
-    "(CLOSE-WAIT until shutdown). Each flood-and-leave leaks one fd and task, uncounted by "
-    "the per-address cap",
-)
 async def test_flooders_that_leave_leave_nothing_behind(arena: Arena) -> None:
     async with arena.attack():
         before = open_fds()
