@@ -70,6 +70,8 @@ PRESENCE_MAX_COALESCE_MS = 2000.0
 # the current one ends, so every client has it (and the track) in time.
 ADVANCE_NOTICE_MS = 4000.0
 MAX_QUEUE_ITEMS = 500
+# Tracks shorter than this never advance the queue by themselves (queue_next does).
+MIN_ADVANCE_SECONDS = 0.5
 MAX_INVITES = 100
 MS_PER_SECOND = 1000.0
 DEFAULT_VOLUME = 1.0
@@ -314,14 +316,19 @@ class Room:
         t = self.timeline
         if self.track is None or self.track.duration is None or t.paused:
             return None
+        if self.track.duration < MIN_ADVANCE_SECONDS:
+            return None  # too short to schedule around: it just plays out
         return t.start_at + max(0.0, self.track.duration - t.position) * MS_PER_SECOND / t.rate
 
     def _advance_due_at(self) -> float | None:
         end = self.track_end_at()
-        if end is None:
+        if end is None or self.track is None or self.track.duration is None:
             return None
         if self.queue or self.repeat != "off":
-            return end - ADVANCE_NOTICE_MS
+            # A short track is announced half-way through, so that each advance
+            # lands in the future and a tiny looping track cannot spin the timer.
+            half = self.track.duration * MS_PER_SECOND / 2
+            return end - min(ADVANCE_NOTICE_MS, half)
         return end  # nothing follows: settle into "paused at the end" then
 
     def next_deadline(self) -> float | None:

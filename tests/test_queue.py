@@ -164,3 +164,23 @@ def test_queue_next_skips_now_and_errors_when_empty() -> None:
     assert state["track"]["url"] == "/media/t2.mp3"  # type: ignore[index]
     assert state["paused"] is False
     assert state["start_at"] >= T0 + 5 + 150  # scheduled, with time to load
+
+
+def test_tiny_looping_tracks_cannot_spin_the_timer() -> None:
+    from musicsync.protocol import Play
+
+    for duration in (0.0, 0.001, 0.6):
+        room = room_with("h")
+        add(room, "h", 1, duration=duration)
+        room.handle("h", QueueMode(repeat="one"), T0)
+        room.handle("h", Play(), T0)
+        now = T0 + 10_000.0
+        versions = room.version
+        for _ in range(100):  # a timer that polls whenever a deadline is due
+            deadline = room.next_deadline()
+            if deadline is None or deadline > now:
+                break
+            room.poll(now)
+        else:
+            raise AssertionError(f"timer spins for a {duration} s track")
+        assert room.version - versions <= 1 + 10_000 / (duration * 1000 or 1)
