@@ -112,7 +112,7 @@ def measure(pages: list[Any], seconds: float, phase: Phase, settle_s: float = 0.
     return phase
 
 
-def wait_all_valid(pages: list[Any], timeout: float = 10) -> None:
+def wait_all_valid(pages: list[Any], timeout: float = 20) -> None:
     wait_for(lambda: sample_round(pages) is not None, timeout, 0.05, "all pages playing")
 
 
