@@ -161,6 +161,8 @@ class ServerProcess:
             "0",
             "--media",
             str(self.media),
+            "--data",
+            str(self.media.parent / "data"),
             "--no-demo",
             "--max-connections-per-ip",
             "100000",

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 DB_FILENAME = "rooms.sqlite3"
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_SECONDS = 5.0
+BUSY_TIMEOUT_SECONDS = 1.0
 
 # Each entry upgrades the schema from version N-1 to N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {

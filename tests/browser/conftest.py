@@ -24,6 +24,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import wave
@@ -159,6 +160,8 @@ def start_server(media: Path) -> ServerProcess:
     override = os.environ.get("MUSICSYNC_SERVER_CMD")
     cmd = shlex.split(override) if override else [sys.executable, "-m", "musicsync", "serve"]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--media", str(media)]
+    # a room database of its own: never the user's, never another test server's
+    cmd += ["--data", tempfile.mkdtemp(prefix="musicsync-data-")]
     # a short resume grace: a departed host's seat frees up quickly in the tests
     env = {"MUSICSYNC_RESUME_GRACE": "2", **os.environ}
     proc = subprocess.Popen(
