@@ -162,6 +162,9 @@ def start_server(media: Path) -> ServerProcess:
     cmd += ["--host", "127.0.0.1", "--port", "0", "--media", str(media)]
     # a room database of its own: never the user's, never another test server's
     cmd += ["--data", tempfile.mkdtemp(prefix="musicsync-data-")]
+    # every page connects from 127.0.0.1: one session's tests would otherwise
+    # reach the per-address cap (64) and later pages be refused with 4429
+    cmd += ["--max-connections-per-ip", "10000"]
     # a short resume grace: a departed host's seat frees up quickly in the tests
     env = {"MUSICSYNC_RESUME_GRACE": "2", **os.environ}
     proc = subprocess.Popen(
