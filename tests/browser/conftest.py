@@ -457,8 +457,10 @@ def playwright() -> Iterator[Any]:
         yield pw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser(playwright: Any) -> Iterator[Any]:
+    # one Chromium per test: a shared one accumulated the earlier tests' audio
+    # contexts, and Web Audio pages of later tests failed to start in full runs
     b = launch_chromium(playwright)
     try:
         yield b
