@@ -343,16 +343,38 @@ def probe(page: Any) -> dict[str, Any] | None:
 
 
 def wait_for(
-    predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition"
+    predicate: Any,
+    timeout: float,
+    interval: float = 0.05,
+    what: str = "condition",
+    detail: Any = None,
 ) -> Any:
+    """Poll ``predicate`` until truthy; on timeout the message adds ``detail()`` if given."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            extra = ""
+            if detail is not None:
+                try:
+                    extra = f"\n  state: {detail()}"
+                except Exception as exc:  # diagnostics must not hide the timeout
+                    extra = f"\n  (no state: {exc!r})"
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def wait_playing(page: Any, timeout: float = 10) -> dict[str, Any]:
+    """Wait until the page outputs a valid position; on timeout, say why it does not."""
+    result: dict[str, Any] = wait_for(
+        lambda: (p := probe(page)) and p.get("valid") and p,
+        timeout,
+        what="playing",
+        detail=lambda: probe(page),
+    )
+    return result
 
 
 def host_page(pages: list[Any]) -> Any:

@@ -101,10 +101,21 @@ def toggle_play(host: Any) -> None:
     host.click("#play")
 
 
+MIN_ROUNDS = 20  # a phase samples past its time until it holds this many rounds...
+MAX_STRETCH = 3.0  # ...but for at most this many times its time (a starved test process)
+
+
 def measure(pages: list[Any], seconds: float, phase: Phase, settle_s: float = 0.0) -> Phase:
-    """Sample for ``seconds``; rounds in the first ``settle_s`` are dropped."""
+    """Sample for ``seconds``; rounds in the first ``settle_s`` are dropped.
+
+    On a loaded machine a probe round trip can take far longer than the sampling
+    interval; the phase then runs on (up to ``MAX_STRETCH`` times) until it holds
+    ``MIN_ROUNDS`` rounds, so its statistics never rest on a handful of readings.
+    """
     start = time.monotonic()
-    while (elapsed := time.monotonic() - start) < seconds:
+    while (elapsed := time.monotonic() - start) < seconds or (
+        len(phase.rounds) < MIN_ROUNDS and elapsed < seconds * MAX_STRETCH
+    ):
         r = sample_round(pages)
         if r is not None and elapsed >= settle_s:
             phase.rounds.append(r)
@@ -113,7 +124,13 @@ def measure(pages: list[Any], seconds: float, phase: Phase, settle_s: float = 0.
 
 
 def wait_all_valid(pages: list[Any], timeout: float = 20) -> None:
-    wait_for(lambda: sample_round(pages) is not None, timeout, 0.05, "all pages playing")
+    wait_for(
+        lambda: sample_round(pages) is not None,
+        timeout,
+        0.05,
+        "all pages playing",
+        detail=lambda: [probe(p) for p in pages],
+    )
 
 
 def convergence_time(

@@ -23,6 +23,7 @@ from .conftest import (
     probe,
     sample_round,
     wait_for,
+    wait_playing,
 )
 from .sync_scenario import (
     Phase,
@@ -168,7 +169,7 @@ def test_join_audio_button_when_autoplay_is_blocked(playwright: Any, server: Ser
         button.click()
         wait_for(lambda: not button.is_visible(), 5, what="button gone after the tap")
         set_track_and_play(page, f"/media/{TRACK_NAME}")
-        wait_for(lambda: (probe(page) or {}).get("valid"), 10, what="playing")
+        wait_playing(page, 10)
     finally:
         b.close()
 
