@@ -13,6 +13,9 @@ Quart collects a request body in memory for as long as the handler does not
 read it, and its reader never waits. ``FlowHTTPConnection`` and ``FlowBody``
 add back-pressure: once a handler starts iterating over the body, at most
 ``BODY_HIGH_WATER`` bytes wait in memory, and the socket is not read beyond that.
+``FlowHTTPConnection`` also lets Hypercorn finish every response, so that a
+connection whose request body was left unread is closed as soon as the answer
+is out (see its docstring).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent
 from quart import Request
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers.request import TrioBody, TrioRequest
@@ -91,6 +94,7 @@ class FlowBody(TrioBody):
     def __init__(self, expected_content_length: int | None, max_content_length: int | None):
         super().__init__(expected_content_length, max_content_length)
         self._streaming = False
+        self._abandoned = False
         self._room = trio.Event()
 
     async def __anext__(self) -> bytes:
@@ -100,9 +104,18 @@ class FlowBody(TrioBody):
         finally:
             self._room.set()
 
+    def append(self, data: bytes) -> None:
+        if not self._abandoned:
+            super().append(data)
+
+    def abandon(self) -> None:
+        """The response is complete: stop holding the reader back, drop what still arrives."""
+        self._abandoned = True
+        self._room.set()
+
     async def wait_for_room(self) -> None:
         """Wait while a streaming reader has ``BODY_HIGH_WATER`` bytes still to read."""
-        while self._streaming and len(self._data) >= BODY_HIGH_WATER:
+        while self._streaming and not self._abandoned and len(self._data) >= BODY_HIGH_WATER:
             self._room = trio.Event()
             await self._room.wait()
 
@@ -112,7 +125,39 @@ class FlowRequest(TrioRequest):
 
 
 class FlowHTTPConnection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection, but the body reader honours ``FlowBody``."""
+    """Quart-Trio's HTTP connection, with back-pressure, and responses that always finish.
+
+    Hypercorn ends a response from inside the app's last ``send``: it hands the
+    app ``http.disconnect``, then either readies the connection for the next
+    request (restarting its keep-alive timer) or, when the request body was not
+    read to its end (or the response says ``Connection: close``), closes the
+    socket. Quart-Trio cancels the handler on that disconnect, and the
+    cancellation landed in the middle of Hypercorn's own cleanup: a socket whose
+    body never came stayed open until Hypercorn's ``read_timeout``, and so did
+    an idle keep-alive connection. Here a disconnect that arrives while the last
+    message is being sent does not cancel: the handler is finishing anyway.
+    """
+
+    _body: FlowBody | None = None
+    _finishing = False
+
+    def _create_request_from_scope(self, send: ASGISendCallable) -> Request:
+        request = super()._create_request_from_scope(send)
+        if isinstance(request.body, FlowBody):
+            self._body = request.body
+        return request
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        async def send_then_finish(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._finishing = True
+                if self._body is not None:
+                    # The handler reads no more: the body reader must not wait
+                    # for room, or Hypercorn's disconnect could never be queued.
+                    self._body.abandon()
+            await send(message)
+
+        await super().__call__(receive, send_then_finish)
 
     async def handle_messages(  # type: ignore[override]  # as Quart-Trio's own
         self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
@@ -128,7 +173,8 @@ class FlowHTTPConnection(TrioASGIHTTPConnection):
                     body.set_complete()
             elif message["type"] == "http.disconnect":
                 break
-        nursery.cancel_scope.cancel()
+        if not self._finishing:  # else handle_request ends the nursery when its send returns
+            nursery.cancel_scope.cancel()
 
 
 # -- names --------------------------------------------------------------------

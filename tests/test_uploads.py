@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -410,6 +411,59 @@ async def test_stalled_upload_times_out_and_leaves_no_file(
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert staged(server) == []
     assert media_files(server) == []
+
+
+async def test_refused_upload_that_keeps_sending_is_answered_and_closed(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 100 MB body refused at its first bytes, while the client sends as fast as it
+    can: the back-pressure is full (the handler was slow), the body is too big to
+    drain, and still the 415 goes out and the server closes the connection at once."""
+    feed = uploads._Upload.feed
+
+    async def slow_feed(self: Any, data: bytes, more: bool) -> None:
+        await trio.sleep(1.0)  # meanwhile the buffer and Hypercorn's queue fill up
+        await feed(self, data, more)
+
+    monkeypatch.setattr(uploads, "UPLOAD_IDLE_TIMEOUT", 5.0)
+    monkeypatch.setattr(uploads._Upload, "feed", slow_feed)
+    size = 100 * MiB
+    sent = 0
+    reply = b""
+    async with host_of(server) as host:
+        stream = await trio.open_tcp_stream("127.0.0.1", int(server.http.rsplit(":", 1)[1]))
+        head = (
+            f"POST /api/upload?room=main HTTP/1.1\r\nHost: x\r\n"
+            f"{TOKEN_HEADER}: {token_of(host)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {size}\r\n\r\n--{BOUNDARY}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="x.wav"\r\n\r\n'
+        )
+
+        async def blast() -> None:
+            nonlocal sent
+            await stream.send_all(head.encode())
+            chunk = b"not audio" * 7000
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while sent < size // 2:
+                    await stream.send_all(chunk)
+                    sent += len(chunk)
+
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(blast)
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        data = await stream.receive_some()
+                    except trio.BrokenResourceError:  # reset: our bytes were left unread
+                        break
+                    if not data:
+                        break
+                    reply += data
+            nursery.cancel_scope.cancel()
+    assert reply.startswith(b"HTTP/1.1 415"), reply
+    assert sent < size // 2  # the server stopped reading and closed; the blast failed
+    assert staged(server) == []
 
 
 # -- memory ---------------------------------------------------------------------
