@@ -23,6 +23,7 @@ from .access import (
 )
 from .clock import ServerClock
 from .config import Settings
+from .datalock import DataDirLock
 from .demo import ensure_demo_tracks
 from .hub import (
     CLOSE_BAD_ROOM,
@@ -69,7 +70,10 @@ def load_index_html() -> bytes:
         return FALLBACK_PAGE
 
 
-def create_app(settings: Settings | None = None) -> QuartTrio:
+def create_app(settings: Settings | None = None, data_lock: DataDirLock | None = None) -> QuartTrio:
+    """The app; ``data_lock`` is the caller's lock on the data directory, else the
+    app takes it at startup (``hypercorn musicsync.app:app``) and gives it back at
+    the end."""
     settings = settings or Settings.from_env()
     set_permessage_deflate(settings.websocket_compression)
     app = QuartTrio(__name__, static_folder=None)
@@ -91,6 +95,8 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     @app.before_serving
     async def startup() -> None:
         configure_logging(settings.log_level, settings.log_format, replace=False)
+        if data_lock is None:  # raises DataDirBusy: Hypercorn reports it and exits
+            state["lock"] = await trio.to_thread.run_sync(DataDirLock.acquire, settings.data_dir)
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:
             await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)
@@ -110,6 +116,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         await h.persist_all()  # seats of everyone just told to reconnect, too
         h.close()
         await h.close_store()
+        lock = state.pop("lock", None)
+        if lock is not None:
+            lock.release()
 
     register_ops_routes(app, settings, hub)  # /metrics, /api/share, /api/qr.svg
 

@@ -29,6 +29,7 @@ from .config import (
     default_value,
     resolve_settings,
 )
+from .datalock import DataDirBusy, DataDirLock
 from .lan import Urls, startup_banner
 from .logs import configure_logging
 from .sockets import StuckPeerConfig
@@ -130,6 +131,7 @@ def settings_from_args(
 
 
 HTTP_READ_TIMEOUT = 60  # seconds (Hypercorn takes an int)
+EXIT_DATA_DIR_BUSY = 2  # another server holds the data directory
 
 
 def _bind(host: str, port: int) -> str:
@@ -143,9 +145,10 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval
     config.graceful_timeout = settings.shutdown_grace
-    # Any connection that sends nothing for this long is closed by Hypercorn:
-    # bounds a request whose body never comes. WebSocket clients ping every
-    # 2-5 s and the app's heartbeat drops them after 30 s, well inside it.
+    # A backstop: any connection that sends nothing for this long is closed by
+    # Hypercorn (a request whose body never comes is closed once it is answered:
+    # uploads.FlowHTTPConnection). It covers WebSockets too, but clients ping
+    # every 2-5 s and the app's heartbeat drops them after 30 s, well inside it.
     config.read_timeout = HTTP_READ_TIMEOUT
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -160,17 +163,36 @@ async def run_server(
     settings: Settings,
     shutdown: trio.Event,
     *,
+    data_lock: DataDirLock | None = None,
     task_status: trio.TaskStatus[tuple[list[str], QuartTrio]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set; reports the bound URLs and the app.
 
     When ``shutdown`` is set, clients are first told to reconnect (close 1001)
     and given up to ``settings.shutdown_grace`` to receive it; then Hypercorn
-    stops.
+    stops. Without ``data_lock`` (the caller's lock on ``settings.data_dir``)
+    the data directory is locked here, for as long as this runs; raises
+    DataDirBusy if another server has it.
     """
+    if data_lock is not None:
+        await _serve(settings, shutdown, data_lock, task_status)
+        return
+    lock = await trio.to_thread.run_sync(DataDirLock.acquire, settings.data_dir)
+    try:
+        await _serve(settings, shutdown, lock, task_status)
+    finally:
+        lock.release()
+
+
+async def _serve(
+    settings: Settings,
+    shutdown: trio.Event,
+    data_lock: DataDirLock,
+    task_status: trio.TaskStatus[tuple[list[str], QuartTrio]],
+) -> None:
     from .app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, data_lock=data_lock)
     config = hypercorn_config(settings)
 
     async def wait_for_shutdown() -> None:
@@ -189,12 +211,14 @@ async def run_server(
         task_status.started((binds, app))
 
 
-async def serve_until_signalled(settings: Settings) -> None:
+async def serve_until_signalled(settings: Settings, data_lock: DataDirLock) -> None:
     """Serve, print where, and shut down cleanly on SIGINT or SIGTERM."""
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            binds, _app = await nursery.start(run_server, settings, shutdown)
+            binds, _app = await nursery.start(
+                partial(run_server, settings, shutdown, data_lock=data_lock)
+            )
             for bind in binds:
                 print(f"musicsync listening on {bind}", flush=True)
             port = urlsplit(binds[0]).port or settings.port
@@ -225,8 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     for path in (settings.certfile, settings.keyfile):
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
+    # Before anything else starts: a second server on the same data directory
+    # stops here, with one line, and never touches the room database.
+    try:
+        data_lock = DataDirLock.acquire(settings.data_dir)
+    except DataDirBusy as exc:  # SystemExit: the zipapp's __main__ ignores main()'s return
+        parser.exit(EXIT_DATA_DIR_BUSY, f"musicsync: {exc}\n")
+    except OSError as exc:
+        parser.error(f"cannot use the data directory {settings.data_dir}: {exc}")
     configure_logging(settings.log_level, settings.log_format)
-    trio.run(serve_until_signalled, settings)
+    try:
+        trio.run(serve_until_signalled, settings, data_lock)
+    finally:
+        data_lock.release()  # held for the process's life; exiting would drop it too
     return 0
 
 

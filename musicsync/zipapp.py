@@ -186,6 +186,7 @@ class SmokeResult:
     close_code: int | None
     exit_code: int
     exit_seconds: float
+    second_server_exit_code: int  # a second server on the same data directory: refused
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -237,8 +238,11 @@ async def _ws_welcome_then_close_code(ws_url: str, proc: subprocess.Popen[str]) 
 
 def smoke(pyz: Path, *, base_python: str | None = None, timeout: float = 60) -> SmokeResult:
     """Run ``pyz serve`` under a Python with no packages: fetch /, demo media and
-    /metrics, open a WebSocket, SIGTERM it; raise unless all of it worked."""
+    /metrics, check that a second one on the same data directory is refused, open a
+    WebSocket, SIGTERM it; raise unless all of it worked."""
     import trio
+
+    from .cli import EXIT_DATA_DIR_BUSY
 
     pyz = pyz.resolve()
     with tempfile.TemporaryDirectory(prefix="musicsync-smoke-") as tmp:
@@ -278,6 +282,19 @@ def smoke(pyz: Path, *, base_python: str | None = None, timeout: float = 60) -> 
                 status, metrics = _get(base + "/metrics")
                 if b"musicsync_connections " not in metrics:
                     raise RuntimeError("/metrics lacks musicsync_connections")
+                second = subprocess.run(
+                    [str(python), str(pyz), "serve", "--port", "0", "--no-qr"],
+                    env=env,
+                    cwd=root,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+                if second.returncode != EXIT_DATA_DIR_BUSY or "in use" not in second.stderr:
+                    raise RuntimeError(
+                        f"a second server on the data directory was not refused: "
+                        f"exit {second.returncode}, {second.stderr!r}"
+                    )
                 ws_url = base.replace("http://", "ws://", 1) + "/ws/main?name=smoke"
                 code = trio.run(_ws_welcome_then_close_code, ws_url, proc)
                 t0 = time.monotonic()
@@ -289,7 +306,14 @@ def smoke(pyz: Path, *, base_python: str | None = None, timeout: float = 60) -> 
                 sys.stderr.write((root / "stderr.log").read_text())
                 raise
         result = SmokeResult(
-            pyz.stat().st_size, version, startup, len(index), code, rc, exit_seconds
+            pyz.stat().st_size,
+            version,
+            startup,
+            len(index),
+            code,
+            rc,
+            exit_seconds,
+            second.returncode,
         )
     if result.close_code != 1001 or result.exit_code != 0:
         raise RuntimeError(f"bad shutdown: {result}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from musicsync.cli import EXIT_DATA_DIR_BUSY
 from musicsync.zipapp import INTERPRETER, build, smoke
 
 
@@ -66,6 +67,7 @@ def test_runs_on_a_bare_python(pyz: Path) -> None:
     result = smoke(pyz)
     assert result.close_code == 1001
     assert result.exit_code == 0
+    assert result.second_server_exit_code == EXIT_DATA_DIR_BUSY  # same data directory
     assert result.index_bytes > 10_000  # the real client, not the fallback page
     assert result.exit_seconds < 3.0
     assert result.startup_seconds < 20

@@ -1,7 +1,9 @@
-"""Rooms survive restarts: SIGTERM, SIGKILL mid-song, and a corrupt database."""
+"""Rooms survive restarts (SIGTERM, SIGKILL mid-song, a corrupt database); one server per data
+directory."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -10,8 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
+from musicsync.cli import EXIT_DATA_DIR_BUSY
+from musicsync.datalock import LOCK_FILENAME, DataDirBusy, DataDirLock
 from musicsync.room import Room
 from musicsync.store import DB_FILENAME, RoomStore
 
@@ -41,6 +46,16 @@ async def server_process(data: Path, media: Path) -> AsyncIterator[tuple[trio.Pr
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def refused_start(data: Path, media: Path) -> tuple[int, str, float]:
+    """Start ``musicsync serve`` expecting it to exit: (status, stderr, seconds)."""
+    cmd = [sys.executable, "-m", "musicsync", "serve", "--port", "0", "--no-demo"]
+    cmd += ["--data", str(data), "--media", str(media), "--no-qr"]
+    start = trio.current_time()
+    with trio.fail_after(START_TIMEOUT):
+        done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    return done.returncode, done.stderr.decode(), trio.current_time() - start
 
 
 def process_server(url: str, tmp: Path) -> Server:
@@ -152,3 +167,59 @@ async def test_schema_version_is_recorded(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / DB_FILENAME) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def busy_message(data: Path, pid: int) -> str:
+    return (
+        f"musicsync: the data directory {data} is in use by another musicsync server "
+        f"(PID {pid}); stop it or give this one another --data directory"
+    )
+
+
+async def test_second_server_on_a_data_directory_refuses_until_the_first_is_gone(
+    tmp_path: Path,
+) -> None:
+    data, media = tmp_path / "data", tmp_path / "media"
+    media.mkdir()
+    async with server_process(data, media) as (first, url):
+        code, err, took = await refused_start(data, media)
+        assert code == EXIT_DATA_DIR_BUSY
+        assert err.splitlines() == [busy_message(data, first.pid)]
+        print(f"second server refused in {took:.2f} s (a whole Python start-up)")
+        async with connect(process_server(url, tmp_path), "main") as peer:
+            assert peer.welcome["type"] == "welcome"  # the first one is unharmed
+        first.send_signal(signal.SIGKILL)  # the kernel drops a dead process's lock
+        await first.wait()
+    async with server_process(data, media) as (second, url):
+        code, err, _ = await refused_start(data, media)
+        assert (code, err.splitlines()) == (EXIT_DATA_DIR_BUSY, [busy_message(data, second.pid)])
+        second.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await second.wait() == 0
+    async with server_process(data, media) as (third, url):
+        async with connect(process_server(url, tmp_path), "main") as peer:
+            assert peer.welcome["type"] == "welcome"
+        third.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await third.wait() == 0
+
+
+async def test_a_server_in_this_process_takes_the_lock_and_gives_it_back(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    async with open_server(settings):
+        assert (settings.data_dir / LOCK_FILENAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(DataDirBusy) as info:
+            DataDirLock.acquire(settings.data_dir)
+        assert info.value.pid == os.getpid()
+        with pytest.RaisesGroup(DataDirBusy):  # a second server here is refused as well
+            async with open_server(settings):
+                pass
+    lock = DataDirLock.acquire(settings.data_dir)  # released at shutdown
+    try:
+        with pytest.RaisesGroup(DataDirBusy):
+            async with open_server(settings):
+                pass
+    finally:
+        lock.release()
+    assert (settings.data_dir / LOCK_FILENAME).read_text() == ""
+    DataDirLock.acquire(settings.data_dir).release()
