@@ -150,11 +150,6 @@ def test_listener_can_claim_an_empty_host_seat(browser: Any, server: ServerProce
 
 
 @pytest.mark.browser
-@pytest.mark.xfail(
-    strict=False,
-    reason="FLAKY in the full CI run: after the other browser suites, Web Audio pages of "
-    "this test sometimes never start (passes alone); kept visible, under investigation",
-)
 def test_join_audio_button_when_autoplay_is_blocked(playwright: Any, server: ServerProcess) -> None:
     """Without the autoplay flag the page shows one clear button; a tap starts the audio."""
     args = [a for a in CHROMIUM_ARGS if not a.startswith("--autoplay-policy")]
@@ -175,11 +170,6 @@ def test_join_audio_button_when_autoplay_is_blocked(playwright: Any, server: Ser
 
 
 @pytest.mark.browser
-@pytest.mark.xfail(
-    strict=False,
-    reason="FLAKY in the full CI run: after the other browser suites, Web Audio pages of "
-    "this test sometimes never start (passes alone); kept visible, under investigation",
-)
 def test_reconnect_and_reload_keep_the_room_together(browser: Any, proxy: DelayProxy) -> None:
     """Cut every connection mid-play: pages keep playing, show it, reconnect, stay in sync.
     Then reload one page: it rejoins in sync."""
@@ -231,11 +221,6 @@ def test_reconnect_and_reload_keep_the_room_together(browser: Any, proxy: DelayP
 
 @pytest.mark.browser
 @pytest.mark.parametrize("engine", ["webaudio", "element"])
-@pytest.mark.xfail(
-    strict=False,
-    reason="FLAKY in the full CI run: after the other browser suites, Web Audio pages of "
-    "this test sometimes never start (passes alone); kept visible, under investigation",
-)
 def test_device_latency_offset_plays_that_much_earlier(
     browser: Any, server: ServerProcess, engine: str
 ) -> None:

@@ -288,10 +288,6 @@ def summary(values: list[float]) -> str:
 
 @pytest.mark.browser
 @pytest.mark.parametrize("engine", ["webaudio", "element"])
-@pytest.mark.xfail(
-    strict=False,
-    reason="FLAKY in full CI runs on a loaded machine (passes alone); under investigation",
-)
 def test_next_track_starts_together_on_three_pages(
     browser: Any, queue_server: ServerProcess, queue_proxy: DelayProxy, engine: str
 ) -> None:
@@ -388,12 +384,4 @@ def test_next_track_starts_together_on_three_pages(
         problems.append(f"second second max spread {max(rest):.1f} ms")
     if after_abs and percentile(after_abs, 0.5) >= ABSOLUTE_MEDIAN_BOUND_MS:
         problems.append(f"median |pos - (now - start_at)| {percentile(after_abs, 0.5):.1f} ms")
-    if problems and engine == "element":
-        # Known client gap: the <audio> engine has one element and sets B's src
-        # only when the timeline reaches start_at (no prefetch, armNext skips a
-        # change of track), then plays and corrects by seeks/rate trims. Measured
-        # 2026-11-25: no valid B reading until 450-1400 ms after start_at
-        # (silent until then) and, in 3 of 8 runs, 50-90 ms spread throughout
-        # the first 2 s; together (< 3 ms) by 4 s.
-        pytest.xfail(f"element: change not gapless: {'; '.join(problems)}")
     assert not problems, f"{engine}: right after the change: {'; '.join(problems)}"

@@ -22,7 +22,7 @@ from .sync_scenario import (
 
 # Spread bounds (ms) asserted per engine: p95 and max over each steady phase.
 BOUNDS = {
-    "webaudio": {"p95": 5.0, "max": 10.0, "settle": 0.5},
+    "webaudio": {"p95": 5.0, "max": 10.0, "settle": 1.0},
     "element": {"p95": 30.0, "max": 60.0, "settle": 4.0},
 }
 # Each page follows the room timeline, not only its peers (same machine: the
@@ -47,11 +47,6 @@ def close_all(pages: list[Any]) -> None:
 
 @pytest.mark.browser
 @pytest.mark.parametrize("engine", ["webaudio", "element"])
-@pytest.mark.xfail(
-    strict=False,
-    reason="FLAKY in the full CI run: after the other browser suites, Web Audio pages of "
-    "this test sometimes never start (passes alone); kept visible, under investigation",
-)
 def test_three_skewed_clients_stay_together(browser: Any, proxy: DelayProxy, engine: str) -> None:
     bounds = BOUNDS[engine]
     _, pages = open_room(browser, proxy, engine)
