@@ -12,14 +12,19 @@ default:
 serve *ARGS:
     {{python}} -m musicsync serve {{ARGS}}
 
-# install everything the tests need (Debian: chromium from apt; Python extras)
+# install everything the tests need (Debian: chromium, pulseaudio from apt; Python extras)
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    if ! command -v chromium >/dev/null 2>&1; then
+    # Debian packages: chromium, and PulseAudio for the recorded-audio browser test
+    missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v pulseaudio >/dev/null 2>&1 || missing+=(pulseaudio)
+    command -v parec >/dev/null 2>&1 || missing+=(pulseaudio-utils)
+    if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
         $SUDO apt-get update -q
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
     fi
     {{python}} -m pip install -q -e '.[test]'
 
@@ -40,6 +45,10 @@ bench *ARGS:
 # browser sync benchmark: inter-client spread per engine in real Chromium
 bench-sync *ARGS:
     {{python}} benchmarks/bench_sync.py {{ARGS}}
+
+# audible sync benchmark: records real Chromium output through PulseAudio, per engine
+bench-audible *ARGS:
+    {{python}} benchmarks/bench_audible.py {{ARGS}}
 
 # build dist/musicsync.pyz, a single-file deployment
 zipapp:

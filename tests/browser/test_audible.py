@@ -1,0 +1,157 @@
+"""Three browsers are *heard* together: their real audio output, recorded and compared.
+
+The other browser tests read each page's own account of its output clock.
+This one records what three separate Chromium processes actually play, each
+into one channel of a private PulseAudio null sink (one sample-aligned
+recording; see ``pulse.py``), and matches the clicks of a coded click track
+across the channels (see ``audible.py``): through play, a seek, a pause (every
+channel silent) and resume, every connection dropped, and a listener's page
+reload, for both engines. Each phase is judged after the engine's settle time
+(Web Audio 1 s, ``<audio>`` 4 s) against the engine's target for the spread
+between browsers (p95 < 5 ms, < 30 ms).
+
+A window in which PulseAudio logged an underrun (another process starved a
+browser's audio output; no page can prevent the gap) says nothing about the
+pages, so the next window is measured instead; if the machine keeps starving
+the output, and nothing wrong was heard otherwise, the test ends as xfail
+("could not judge"). Anything wrong heard in a clean window fails it, with
+what the audio API trace says the page did.
+
+    pytest tests/browser/test_audible.py -s          # prints the tables
+    MUSICSYNC_AUDIBLE_WAV=DIR pytest ...              # keeps each recording (WAV + JSON)
+
+Needs ``pulseaudio`` and ``pulseaudio-utils`` (``just setup`` installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import audible, pulse
+from .conftest import DelayProxy, ServerProcess, start_server
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not pulse.available(), reason="needs pulseaudio and pulseaudio-utils (just setup)"
+    ),
+]
+
+BROWSERS = 3
+MEASURE_S = 3.0
+SETTLE_S = {"webaudio": 1.0, "element": 4.0}
+# The engines' targets for the spread between browsers, as heard.
+BOUNDS_MS = {
+    "webaudio": {"p95": 5.0, "max": 10.0},
+    "element": {"p95": 30.0, "max": 60.0},
+}
+MIN_CLICKS = 8  # of 12 in a 3 s window: most clicks must be heard on every channel
+HEARD_LATE_BOUND_MS = 50.0
+LATE_START_HINT_MS = 1.0
+
+
+@pytest.fixture(scope="module")
+def pulse_server() -> Iterator[pulse.PulseServer]:
+    with pulse.PulseServer(BROWSERS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def coded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    media: Path = tmp_path_factory.mktemp("audible-media")
+    pulse.write_coded_click_track(media / audible.TRACK_FILE, audible.TRACK_SECONDS)
+    srv = start_server(media)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def coded_proxy(coded_server: ServerProcess) -> Iterator[DelayProxy]:
+    with DelayProxy(coded_server.port) as p:
+        yield p
+
+
+def _hints(phase: audible.PhaseResult) -> str:
+    """What the audio API trace says the pages did, for a failure message."""
+    out = []
+    for ch, late in enumerate(phase.late_start_ms):
+        if late > LATE_START_HINT_MS:
+            out.append(
+                f"browser {ch}'s source started {late:.1f} ms after the time it was given "
+                "(start() called late: Web Audio starts it now, at the same offset)"
+            )
+    for ch, n in enumerate(phase.restarts):
+        if n > 1:
+            out.append(f"browser {ch} restarted its source {n} times")
+    return " (" + "; ".join(out) + ")" if out else ""
+
+
+@pytest.mark.parametrize("engine", ["webaudio", "element"])
+def test_three_browsers_are_heard_together(
+    playwright: Any, pulse_server: pulse.PulseServer, coded_proxy: DelayProxy, engine: str
+) -> None:
+    settings = audible.Settings(engine, SETTLE_S[engine], MEASURE_S)
+    keep = os.environ.get("MUSICSYNC_AUDIBLE_WAV")  # a directory: keep the recordings
+    wav = Path(keep) / f"audible-{engine}-{int(time.time())}.wav" if keep else None
+    if wav:
+        wav.parent.mkdir(parents=True, exist_ok=True)
+    report = audible.run(playwright, pulse_server, coded_proxy, settings, say=print, keep_wav=wav)
+    table = report.table()
+    print("\n" + table)
+
+    bounds = BOUNDS_MS[engine]
+    problems: list[str] = []
+    starved: list[str] = []
+    for phase in report.phases:
+        if phase.settling:
+            continue  # the seconds right after a change: reported only
+        s = phase.summary()
+        where = f"{engine} {phase.name}"
+        if s["underruns"]:
+            # the output itself broke up: a gap, then that browser is late until
+            # its page notices; no page can prevent it, so it says nothing of sync
+            starved.append(f"{where}: {s['underruns']} underruns in every window")
+            continue
+        if s["clicks"] < MIN_CLICKS:
+            problems.append(f"{where}: only {s['clicks']} clicks heard on every channel")
+            continue
+        why = _hints(phase)
+        if s["p95"] >= bounds["p95"]:
+            problems.append(f"{where}: p95 spread {s['p95']:.2f} ms{why}")
+        if s["max"] >= bounds["max"]:
+            problems.append(f"{where}: max spread {s['max']:.2f} ms{why}")
+        for ch, late in enumerate(s["heard_late_p50"]):
+            if late is None or not abs(late) < HEARD_LATE_BOUND_MS:
+                problems.append(f"{where}: browser {ch} heard {late} ms off the timeline")
+
+    pause = report.pause
+    assert pause is not None
+    for ch, (rms, clicks) in enumerate(zip(pause.rms, pause.clicks, strict=True)):
+        if rms >= audible.SILENCE_RMS or clicks:
+            problems.append(f"{engine} pause: browser {ch} not silent (rms {rms}, {clicks} clicks)")
+    if engine == "webaudio":
+        # scheduled on the output clock: every browser stops and restarts together
+        for what, spread in (
+            ("stopped", pause.stop_spread_ms),
+            ("restarted", pause.restart_spread_ms),
+        ):
+            if spread < bounds["p95"]:
+                continue
+            if pause.underruns:
+                starved.append(f"{engine} pause: {what} {spread:.1f} ms apart, with underruns")
+            else:
+                problems.append(f"{engine} pause: {what} {spread:.1f} ms apart")
+
+    assert not problems, "\n".join(problems + starved) + "\n" + table
+    if starved:
+        # Nothing wrong was heard, but the machine (other processes on the same
+        # cores) kept starving the audio output, so part of the claim went unchecked.
+        pytest.xfail("could not judge, the audio output was starved: " + "; ".join(starved))
