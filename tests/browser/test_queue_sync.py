@@ -65,7 +65,11 @@ BOUNDS = {
     },
     "element": {
         "after_p50": 30.0,
-        "after_max_first": 90.0,
+        # An <audio> element's play() lands 0.1-0.3 s late now and then on a
+        # loaded machine (seen in a CI run at load 10: one page 178 ms off for
+        # under a second, until its first correction seek); the coarse hard
+        # bound holds for the first second, the tight ones after it.
+        "after_max_first": 250.0,
         "after_max_rest": 60.0,
     },
 }
