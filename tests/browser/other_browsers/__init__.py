@@ -1,0 +1,1 @@
+"""Drivers for real Firefox and WebKit (see drivers.py)."""
