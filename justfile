@@ -21,12 +21,23 @@ setup:
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v pulseaudio >/dev/null 2>&1 || missing+=(pulseaudio)
     command -v parec >/dev/null 2>&1 || missing+=(pulseaudio-utils)
+    # ...and for tests/browser/test_other_browsers.py: Firefox, WebKitGTK's driver, Xvfb, npm
+    command -v firefox-esr >/dev/null 2>&1 || missing+=(firefox-esr)
+    command -v WebKitWebDriver >/dev/null 2>&1 || missing+=(webkit2gtk-driver)
+    command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
         $SUDO apt-get update -q
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
     fi
     {{python}} -m pip install -q -e '.[test]'
+    # puppeteer-core (drives Firefox), from the lock file; again only when that changed
+    ob=tests/browser/other_browsers
+    if ! cmp -s "$ob/package-lock.json" "$ob/node_modules/.installed-lock.json"; then
+        npm ci --prefix "$ob" --no-audit --no-fund --loglevel=error
+        cp "$ob/package-lock.json" "$ob/node_modules/.installed-lock.json"
+    fi
 
 # run the whole test suite (pytest's "no tests" exit code 5 counts as failure)
 test *ARGS:
