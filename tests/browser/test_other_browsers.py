@@ -21,8 +21,12 @@ Two allowances for this shared, often loaded 2-core machine, each printed as a
 WARNING when used: a test whose Firefox hung (FirefoxHung: its audio server,
 not the page) runs once more in a fresh Firefox, and a measuring window whose
 median misses the bound (a starved audio stream underrunning) is measured once
-more. WebKit's two engine tests are strict xfails for client bugs (see the
-marks): they flip when the client is fixed.
+more. These tests found two WebKitGTK client bugs, both fixed in the page:
+getOutputTimestamp() running at twice real time (createOutputClock now falls
+back to currentTime - latency when a timestamp is ahead of now()), and an
+<audio> element whose readyState stays 2 after a seek while it plays on
+(createElementEngine now trusts an advancing currentTime, and re-seeks one that
+stands still).
 
 Screenshots at desktop and phone widths go to $MUSICSYNC_SCREENSHOT_DIR or the
 test's tmp dir.
@@ -100,26 +104,6 @@ SEEK_JS = """(pos) => { const s = document.getElementById('seek');
   s.value = String(pos);
   s.dispatchEvent(new Event('input'));
   s.dispatchEvent(new Event('change')); }"""
-
-WEBKIT_OUTPUT_TIMESTAMP = pytest.mark.xfail(
-    strict=True,
-    reason="client bug on WebKitGTK 2.50: AudioContext.getOutputTimestamp().performanceTime runs "
-    "at twice real time and ahead of performance.now() (measured: +203 ms per 100 ms; "
-    "performanceTime 6221 at now() 5170), so createOutputClock's ready() never holds (rate "
-    "0.5), the Web Audio engine waits 'waiting for clocks' forever and stays silent. Fix: "
-    "in createOutputClock.read(), stop trusting a timestamp ahead of now() and fall back to "
-    "currentTime - latency (measured with that fix: median |error| 1.3 ms)",
-)
-WEBKIT_READY_STATE = pytest.mark.xfail(
-    strict=True,
-    reason="client bug on WebKitGTK 2.50 (GStreamer): after a seek the <audio> element plays "
-    "on (currentTime advances) but readyState stays HAVE_CURRENT_DATA (2) for good, and a "
-    "playbackRate change sometimes freezes currentTime; createElementEngine's control() "
-    "skips every correction while readyState < 3 and probe() reports not playing. Fix: "
-    "treat readyState 2 with an advancing currentTime as playing, and seek when currentTime "
-    "stands still while playing (measured with that fix: median |error| 11 ms)",
-)
-
 
 # -- fixtures -------------------------------------------------------------------
 
@@ -507,8 +491,8 @@ def wait_valid(page: Any, what: str, timeout: float = 30, extra: Any = None) -> 
     [
         ("firefox", "webaudio"),
         ("firefox", "element"),
-        pytest.param("webkit", "webaudio", marks=WEBKIT_OUTPUT_TIMESTAMP),
-        pytest.param("webkit", "element", marks=WEBKIT_READY_STATE),
+        pytest.param("webkit", "webaudio"),
+        pytest.param("webkit", "element"),
     ],
 )
 def test_plays_on_the_room_timeline_with_seek_and_pause(
