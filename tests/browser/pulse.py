@@ -13,6 +13,13 @@ A browser launched with ``env=server.client_env(i)`` plays into ``spk<i>``.
 stream are sample-aligned, so the offset between two browsers is read off the
 recording exactly, whenever the recording started.
 
+The daemon logs at debug level with timestamps, so ``underruns(a, b)`` can say
+when the machine failed to feed a stream (a gap no page can prevent). To make
+that rare on a busy machine, the null sink's thread, the daemon's main thread
+and (``boost_clients``) Chromium's PulseAudio threads run real-time when the
+process may (root); without the main thread's, three browsers underran 3-39
+times in 15 s at a load of 6-9.
+
 Also here: a click track whose quiet clicks encode the second number (so a
 whole-second offset between browsers is visible too), and the onset analysis.
 """
