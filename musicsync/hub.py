@@ -429,8 +429,13 @@ class Hub:
                 deadline = min(deadline, entry.empty_since + self.settings.room_idle_ttl)
             with trio.move_on_at(deadline):
                 await entry.bell.wait()
-            entry.bell = trio.Event()
             await self._persist_then_apply(entry, entry.room.poll(self.clock.now_ms()))
+            # Only after applying: _apply rings the bell whenever the room has a
+            # deadline (a playing track always has one), and a bell rung by our
+            # own poll would wake this loop at once, forever (a busy loop that
+            # took a whole core). The deadline is recomputed from the room's
+            # state at the top of the loop, so no other task's change is lost.
+            entry.bell = trio.Event()
             if (
                 entry.empty_since is not None
                 and trio.current_time() >= entry.empty_since + self.settings.room_idle_ttl

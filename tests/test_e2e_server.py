@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -420,3 +421,24 @@ async def test_queue_add_by_library_id(server: Server) -> None:
         }
         await host.send("queue_add", track_id="nope")
         await host.expect_error("no_such_track")
+
+
+async def test_a_playing_room_leaves_the_server_idle(server: Server) -> None:
+    """A room playing a track of known length has a timer deadline (its end); the
+    room timer must sleep until then, not spin. It once woke itself through its
+    own poll, forever, and took a whole core for as long as anything played."""
+
+    def cpu_s() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # client and server: one process
+        return usage.ru_utime + usage.ru_stime
+
+    async with connect(server, name="Host") as host:
+        await host.send("set_track", url=TRACK, duration=600.0)
+        await host.expect_state(version=1)
+        await host.send("play")
+        await host.expect_state(version=2)
+        assert server.hub.rooms["main"].room.next_deadline() is not None
+        wall_start, cpu_start = trio.current_time(), cpu_s()
+        await trio.sleep(1.0)
+        busy = (cpu_s() - cpu_start) / (trio.current_time() - wall_start)
+        assert busy < 0.3, f"the server used {busy:.0%} of a core while one room just played"
