@@ -136,6 +136,18 @@ def write_click_track(path: Path, seconds: int = TRACK_SECONDS, rate: int = TRAC
 # -- the server ----------------------------------------------------------------
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 @dataclass
 class ServerProcess:
     url: str
@@ -144,13 +156,7 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         if self.proc.stdout:
             self.proc.stdout.close()
 

@@ -43,6 +43,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .conftest import stop_process
+
 RATE = 48000
 LOG_TIME = re.compile(r"\(\s*([0-9.]+)\|")
 UNDERRUN = re.compile(r"[Uu]nderrun (of|on) ")
@@ -175,13 +177,7 @@ class PulseServer:
             os.sched_setscheduler(self.proc.pid, os.SCHED_RR, os.sched_param(MAIN_RT_PRIORITY))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _anchor_log(self) -> None:
@@ -380,27 +376,8 @@ class Recorder:
                 # the frames received so far ended no later than now
                 self._t0 = min(self._t0, now - frames / RATE)
 
-    def _realtime_main_thread(self) -> None:
-        """Real-time priority for the daemon's main thread, when allowed (root).
-
-        It answers every stream's requests for more data; at normal priority,
-        other processes on a busy machine delay it and every stream underruns
-        at once (seen here: 3-39 underruns in 15 s of three browsers at a load
-        of 6-9; none in six runs with this).
-        """
-        if self.proc is None or not hasattr(os, "sched_setscheduler"):
-            return
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(self.proc.pid, os.SCHED_RR, os.sched_param(MAIN_RT_PRIORITY))
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout=5)
         if self._thread is not None:
             self._thread.join(5)
         if self.proc is not None and self.proc.stdout is not None:

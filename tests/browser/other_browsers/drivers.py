@@ -37,6 +37,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..conftest import stop_process
+
 HERE = Path(__file__).resolve().parent
 NODE_DIR = HERE
 FIREFOX = "/usr/bin/firefox-esr"
@@ -169,13 +171,7 @@ class NullAudio:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -357,13 +353,7 @@ class Xvfb:
         self.display = f":{number.decode().strip()}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 class WebKitBrowser:
