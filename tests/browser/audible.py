@@ -52,6 +52,7 @@ INTERVAL_JUMP_MS = 5.0  # a click interval this far from 250 ms (x rate): a jump
 BOOST_INTERVAL_S = 0.5
 PROBE_INTERVAL_S = 0.2  # the pages' own accounts, sampled while recording
 MIN_SETTLING_S = 2.0  # the stretch after a change reported on its own, at least
+JOIN_SETTLE_S = 5.0  # the play right after the join: the clocks are still converging
 
 
 def page_engines(engine: str, n: int) -> list[str]:
@@ -672,7 +673,10 @@ def run(
             _wait_playing(pages, settings.wait_s, "all pages playing")
             step("start")
             now = time.time()
-            measure("play", now, now + settle)
+            # The first change after a join also waits out the join's convergence
+            # (bench-sync: 2-6 s): a CI run measured one fresh page 8.5 ms apart
+            # at 1 s, its own reading 3.4 ms; by the seek it was 4.7, later 1.2.
+            measure("play", now, now + max(settle, JOIN_SETTLE_S))
             settling("play", playing["start_at"] / 1000)
 
             # seek
