@@ -462,13 +462,20 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def server(media_dir: Path) -> Iterator[ServerProcess]:
-    srv = start_server(media_dir)
+@contextlib.contextmanager
+def serving(media: Path) -> Iterator[ServerProcess]:
+    """A server on ``media`` for the length of the block."""
+    srv = start_server(media)
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(media_dir: Path) -> Iterator[ServerProcess]:
+    with serving(media_dir) as srv:
+        yield srv
 
 
 @pytest.fixture

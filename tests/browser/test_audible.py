@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from . import audible, pulse
-from .conftest import DelayProxy, ServerProcess, start_server
+from .conftest import DelayProxy, ServerProcess, serving
 
 pytestmark = [
     pytest.mark.browser,
@@ -70,11 +70,8 @@ def pulse_server() -> Iterator[pulse.PulseServer]:
 def coded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     media: Path = tmp_path_factory.mktemp("audible-media")
     pulse.write_coded_click_track(media / audible.TRACK_FILE, audible.TRACK_SECONDS)
-    srv = start_server(media)
-    try:
+    with serving(media) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -401,10 +401,7 @@ def converge(page: Any, bound_ms: float, phase: Phase, since: float, timeout: fl
                 phase.converge_s = time.monotonic() - since
                 return phase
         now = time.monotonic()
-        reason = stuck_reason(s)
-        stuck_since = (stuck_since or now) if reason else None
-        if reason and stuck_since is not None and now - stuck_since > STUCK_S:
-            raise AssertionError(f"{phase.name}: {reason} for {STUCK_S:.0f} s\n  state: {s}")
+        stuck_since = still_stuck(phase.name, s, stuck_since, now)
         if now > deadline:
             raise AssertionError(
                 f"{phase.name}: not within {bound_ms} ms of the timeline after {timeout} s "
@@ -464,6 +461,19 @@ def stuck_reason(s: dict[str, Any] | None) -> str | None:
     return None
 
 
+def still_stuck(
+    what: str, s: dict[str, Any] | None, stuck_since: float | None, now: float
+) -> float | None:
+    """Since when the page has named a dead end (None if it does not now); fail past STUCK_S."""
+    reason = stuck_reason(s)
+    if not reason:
+        return None
+    since = stuck_since if stuck_since is not None else now
+    if now - since > STUCK_S:
+        raise AssertionError(f"{what}: {reason} for {STUCK_S:.0f} s\n  state: {s}")
+    return since
+
+
 def wait_valid(page: Any, what: str, timeout: float = 30, extra: Any = None) -> dict[str, Any]:
     """Wait until the page outputs a valid position (and ``extra(sample)`` holds).
 
@@ -476,10 +486,7 @@ def wait_valid(page: Any, what: str, timeout: float = 30, extra: Any = None) -> 
         if s and s.get("valid") and (extra is None or extra(s)):
             return s
         now = time.monotonic()
-        reason = stuck_reason(s)
-        stuck_since = (stuck_since or now) if reason else None
-        if reason and stuck_since is not None and now - stuck_since > STUCK_S:
-            raise AssertionError(f"{what}: {reason} for {STUCK_S:.0f} s\n  state: {s}")
+        stuck_since = still_stuck(what, s, stuck_since, now)
         if now > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}\n  state: {s}")
         time.sleep(0.1)

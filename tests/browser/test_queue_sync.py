@@ -37,7 +37,7 @@ from .conftest import (
     open_skewed_page,
     percentile,
     probe,
-    start_server,
+    serving,
     wait_for,
     write_click_track,
 )
@@ -111,11 +111,8 @@ def queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     media = tmp_path_factory.mktemp("queue-media")
     write_click_track(media / TRACK_A, seconds=A_SECONDS)
     write_tone_track(media / TRACK_B, seconds=B_SECONDS, hz=440.0)
-    srv = start_server(media)
-    try:
+    with serving(media) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
