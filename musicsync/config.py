@@ -41,6 +41,23 @@ RESUME_GRACE = 30 * SECOND
 SHUTDOWN_GRACE = 3 * SECOND
 # Largest file POST /api/upload accepts (413 beyond it).
 UPLOAD_MAX_BYTES = 200 * MiB
+GiB = 1024 * MiB
+HOUR = 60 * MINUTE
+# Who may upload: nobody, the hosts and co-hosts (and listeners where the room
+# lets them), or any participant.
+UPLOAD_POLICIES = ("off", "hosts", "everyone")
+# Bytes one address may upload per hour (a token bucket refilled over the hour).
+UPLOAD_BUDGET_BYTES_PER_HOUR = 2 * GiB
+# The whole media library (demo tracks, uploads, the operator's files) may not
+# grow past this by uploads.
+LIBRARY_MAX_BYTES = 20 * GiB
+# Below this much free disk under the media directory, uploads get 507.
+MIN_FREE_DISK_BYTES = 1 * GiB
+# Rooms that may be live (in memory) at once; one more is refused (4429).
+MAX_ROOMS = 5000
+# New rooms one address may open per hour (a token bucket: that many at once,
+# refilled over the hour).
+NEW_ROOMS_PER_IP_PER_HOUR = 60
 
 
 def default_data_dir() -> Path:
@@ -82,6 +99,16 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     # Bearer token for the operator's /api/admin/ endpoints; None disables them.
     admin_token: str | None = None
+    # Who may upload (off | hosts | everyone), and the limits that keep the disk.
+    uploads: str = "hosts"
+    upload_budget_bytes_per_hour: int = UPLOAD_BUDGET_BYTES_PER_HOUR
+    library_max_bytes: int = LIBRARY_MAX_BYTES
+    min_free_disk_bytes: int = MIN_FREE_DISK_BYTES
+    # Host names the server answers to besides its own addresses and localhost
+    # (DNS-rebinding guard); --public-url and --allowed-origin hosts count too.
+    allowed_hosts: tuple[str, ...] = ()
+    max_rooms: int = MAX_ROOMS
+    new_rooms_per_ip_per_hour: int = NEW_ROOMS_PER_IP_PER_HOUR
 
     @property
     def tls(self) -> bool:
@@ -151,6 +178,25 @@ def _megabytes(text: str) -> int:
     if not 1 <= value <= 1_000_000:
         raise ValueError("must be between 1 and 1000000 (MB)")
     return value * MiB
+
+
+def _megabytes_or_zero(text: str) -> int:
+    value = int(text.strip())
+    if not 0 <= value <= 1_000_000_000:
+        raise ValueError("must be between 0 and 1000000000 (MB)")
+    return value * MiB
+
+
+def _host_names(text: str) -> tuple[str, ...]:
+    """Comma-separated host names (no scheme, no port), lower-cased."""
+    result = []
+    for item in (part.strip().lower() for part in text.split(",")):
+        if not item:
+            continue
+        if "/" in item or "@" in item or " " in item or item.startswith(("[", ":")):
+            raise ValueError(f"{item!r} is not a host name like music.example.org")
+        result.append(item.rstrip("."))
+    return tuple(result)
 
 
 def _path(text: str) -> Path:
@@ -388,6 +434,62 @@ OPTIONS: tuple[Option, ...] = (
         f"largest upload accepted, in MB (default {UPLOAD_MAX_BYTES // MiB})",
         "int",
         "MB",
+    ),
+    Option(
+        "uploads",
+        "uploads",
+        _choice(*UPLOAD_POLICIES),
+        "who may upload: off, hosts (and co-hosts; listeners where the room allows) or everyone",
+        choices=UPLOAD_POLICIES,
+    ),
+    Option(
+        "upload-budget-mb",
+        "upload_budget_bytes_per_hour",
+        _megabytes,
+        f"MB one address may upload per hour (default {UPLOAD_BUDGET_BYTES_PER_HOUR // MiB})",
+        "int",
+        "MB",
+    ),
+    Option(
+        "library-max-mb",
+        "library_max_bytes",
+        _megabytes,
+        f"uploads stop once the media library holds this many MB"
+        f" (default {LIBRARY_MAX_BYTES // MiB})",
+        "int",
+        "MB",
+    ),
+    Option(
+        "min-free-disk-mb",
+        "min_free_disk_bytes",
+        _megabytes_or_zero,
+        f"refuse uploads (507) while less than this many MB are free"
+        f" (default {MIN_FREE_DISK_BYTES // MiB})",
+        "int",
+        "MB",
+    ),
+    Option(
+        "allowed-host",
+        "allowed_hosts",
+        _host_names,
+        "another host name the server answers to (repeatable; its own addresses,"
+        " localhost and the --public-url / --allowed-origin hosts always are)",
+        "list",
+        "NAME",
+    ),
+    Option(
+        "max-rooms",
+        "max_rooms",
+        _int_between(1, 10_000_000),
+        "rooms that may be live at once",
+        "int",
+    ),
+    Option(
+        "new-rooms-per-ip",
+        "new_rooms_per_ip_per_hour",
+        _int_between(1, 10_000_000),
+        "new rooms one address may open per hour",
+        "int",
     ),
 )
 
