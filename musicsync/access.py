@@ -1,12 +1,15 @@
-"""Who may get in: password hashes, WebSocket origin checks, page security headers (sans-IO)."""
+"""Who may get in: password and token hashes, Host and Origin checks, security headers (sans-IO)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 # scrypt cost: ~30 ms and 16 MiB per hash here; run it in a worker thread.
 SCRYPT_N = 2**14
@@ -67,6 +70,115 @@ def origin_allowed(origin: str | None, scheme: str, host: str, allowed: tuple[st
     if origin == f"{http_scheme}://{host}".lower():
         return True
     return "*" in allowed or origin in allowed
+
+
+def hash_token(token: str) -> str:
+    """What the server keeps of a resume token: its SHA-256, hex.
+
+    Tokens are 128 random bits, so a plain fast hash is enough: nobody can
+    search that space, and a stolen database no longer holds live secrets.
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- the Host header (DNS rebinding) ------------------------------------------
+
+# Names the server always answers to, whatever it is bound to.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_BIND_HOSTS = frozenset({"", "0.0.0.0", "::"})
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+_PORT = re.compile(r"[0-9]{0,5}")
+
+
+def normalize_host_name(name: str) -> str | None:
+    """A host name or IP address as ``host_allowed`` compares it, else None.
+
+    Lower-case, one trailing dot dropped, IPv6 without brackets, compressed.
+    """
+    name = name.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+        if ":" not in name:
+            return None  # brackets are for IPv6 literals only
+    if ":" in name:
+        try:
+            return str(ipaddress.IPv6Address(name))
+        except ValueError:
+            return None
+    name = name.removesuffix(".")
+    return name if _HOST_NAME.fullmatch(name) else None
+
+
+def host_of_header(host_header: str) -> str | None:
+    """The host name of a ``Host`` header (port dropped, normalized), or None if malformed."""
+    value = host_header.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[: end + 1], value[end + 1 :]
+        if rest and not (rest.startswith(":") and _PORT.fullmatch(rest[1:])):
+            return None
+    else:
+        name, colon, port = value.partition(":")
+        if colon and not _PORT.fullmatch(port):
+            return None  # a second colon (unbracketed IPv6) or a non-numeric port
+    return normalize_host_name(name) if name else None
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host_header: str | None, names: frozenset[str]) -> bool:
+    """May a request carrying this ``Host`` header be served? (DNS-rebinding guard)
+
+    Only the host name counts, not the port; case and one trailing dot do not
+    matter. ``names`` are normalized names (``allowed_host_names``). An IP
+    address always passes: DNS rebinding needs a name the attacker controls
+    (the browser sends that name as ``Host``), and a page whose origin is an IP
+    address can only be that address's own. No ``Host`` header at all means no
+    browser sent the request (every browser sends one), so that passes too.
+    """
+    if host_header is None:
+        return True
+    name = host_of_header(host_header)
+    if name is None:
+        return False
+    return name in names or _is_ip_literal(name)
+
+
+def allowed_host_names(
+    *,
+    bind_host: str,
+    public_url: str | None,
+    allowed_origins: Iterable[str],
+    allowed_hosts: Iterable[str],
+    machine: Iterable[str],
+) -> frozenset[str]:
+    """The host names this server answers to.
+
+    The bind address (unless a wildcard), ``machine`` (its addresses and host
+    names, found by the caller), the loopback names, the hosts of the public
+    URL and of every allowed origin, and the operator's ``--allowed-host``s.
+    """
+    candidates: list[str] = [*LOOPBACK_NAMES, *machine, *allowed_hosts]
+    if bind_host not in WILDCARD_BIND_HOSTS:
+        candidates.append(bind_host)
+    for url in (public_url, *allowed_origins):
+        if not url or url == "*":
+            continue
+        try:
+            hostname = urlsplit(url).hostname
+        except ValueError:
+            continue
+        if hostname:
+            candidates.append(hostname)
+    return frozenset(n for c in candidates if (n := normalize_host_name(c)) is not None)
 
 
 _INLINE = re.compile(rb"<(script|style)\b[^>]*>(.*?)</\1>", re.S | re.I)

@@ -11,11 +11,18 @@ from urllib.parse import urlsplit
 
 import segno
 
+from .access import allowed_host_names
+
 MAX_QR_URL_LENGTH = 2048
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 # Any routable address: connect() on a UDP socket sends nothing, it only picks
 # the interface (and so the source address) the kernel would route through.
 _PROBE_ADDRESSES = ("192.0.2.1", "10.255.255.255")
+_PROBE_ADDRESSES_V6 = ("2001:db8::1",)
+# Linux lists every local IPv4 address in the routing trie, every IPv6 one here.
+_FIB_TRIE = "/proc/net/fib_trie"
+_IF_INET6 = "/proc/net/if_inet6"
+MDNS_SUFFIX = ".local"
 
 
 def lan_address() -> str | None:
@@ -32,6 +39,70 @@ def lan_address() -> str | None:
             if not ipaddress.ip_address(address).is_loopback:
                 return address
     return None
+
+
+def _probe(family: socket.AddressFamily, probes: tuple[str, ...]) -> set[str]:
+    found = set()
+    for probe in probes:
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((probe, 9))
+            found.add(str(s.getsockname()[0]))
+    return found
+
+
+def _linux_addresses() -> set[str]:
+    """Every address of every interface, from /proc (empty elsewhere)."""
+    found = set()
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(_FIB_TRIE, encoding="ascii") as f:
+        previous = ""
+        for line in f:
+            if "/32 host LOCAL" in line:
+                found.add(previous.strip().removeprefix("|-- "))
+            previous = line
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(_IF_INET6, encoding="ascii") as f:
+        for line in f:
+            fields = line.split()
+            if fields and len(fields[0]) == 32:
+                with contextlib.suppress(ValueError):
+                    found.add(str(ipaddress.IPv6Address(int(fields[0], 16))))
+    return found
+
+
+def machine_names() -> set[str]:
+    """This machine's addresses and names: interfaces, host name, ``<host name>.local``.
+
+    Blocking (it may ask the resolver): call it in a worker thread.
+    """
+    names = _linux_addresses() | _probe(socket.AF_INET, _PROBE_ADDRESSES)
+    names |= _probe(socket.AF_INET6, _PROBE_ADDRESSES_V6)
+    hostname = socket.gethostname()
+    if hostname:
+        short = hostname.split(".", 1)[0]
+        names |= {hostname, short + MDNS_SUFFIX, hostname + MDNS_SUFFIX}
+        with contextlib.suppress(OSError, UnicodeError):
+            names.add(socket.getfqdn(hostname))
+            for info in socket.getaddrinfo(hostname, None):
+                names.add(str(info[4][0]))
+    lan = lan_address()
+    if lan:
+        names.add(lan)
+    return {n for n in names if n and n != "0.0.0.0"}
+
+
+def allowed_hosts_for(
+    bind_host: str,
+    public_url: str | None,
+    allowed_origins: tuple[str, ...],
+    allowed_hosts: tuple[str, ...],
+) -> frozenset[str]:
+    """The Host names this server answers to (blocking: it looks up this machine's names)."""
+    return allowed_host_names(
+        bind_host=bind_host,
+        public_url=public_url,
+        allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
+        machine=machine_names(),
+    )
 
 
 def _host_in_url(host: str) -> str:

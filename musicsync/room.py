@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .access import hash_token
 from .protocol import (
     ClaimHost,
     ClientMessage,
@@ -51,7 +52,7 @@ from .protocol import (
     TransferHost,
     Volume,
 )
-from .urls import BadURL, validate_track_url
+from .urls import BadURL, clean_title, validate_track_url
 
 MIN_LEAD_MS = 150.0
 MAX_LEAD_MS = 1000.0
@@ -125,7 +126,9 @@ class Participant:
     role: str
     seq: int
     rtt_ms: float | None = None
-    token: str | None = field(default=None, repr=False)
+    # access.hash_token of the resume token; the token itself is only ever sent
+    # to its owner, in the welcome, and kept nowhere.
+    token_hash: str | None = field(default=None, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "role": self.role}
@@ -230,8 +233,8 @@ class Room:
         self.settings = RoomSettings()
         self.participants: dict[str, Participant] = {}
         self.resume_grace_ms = resume_grace_ms
-        self._reserved: dict[str, _Reservation] = {}  # by token
-        self._banned: dict[str, float] = {}  # token -> until
+        self._reserved: dict[str, _Reservation] = {}  # by token hash
+        self._banned: dict[str, float] = {}  # token hash -> until
         self._seq = 0
         self._presence = _PresenceDelta()
 
@@ -250,13 +253,17 @@ class Room:
 
     def participant_for_token(self, token: str) -> Participant | None:
         for p in self.participants.values():
-            if p.token is not None and p.token == token:
+            if p.token_hash is not None and p.token_hash == token_hash:
                 return p
+        return self._participant_for_hash(hash_token(token))
+
+    def _participant_for_hash(self, token_hash: str) -> Participant | None:
         return None
 
     def holds_seat(self, token: str) -> bool:
         """True for the token of someone seated now or within their resume grace."""
-        return token in self._reserved or self.participant_for_token(token) is not None
+        token_hash = hash_token(token)
+        return token_hash in self._reserved or self._participant_for_hash(token_hash) is not None
 
     def valid_invite(self, code: str, now: float) -> Invite | None:
         invite = self.invites.get(code)
@@ -281,7 +288,7 @@ class Room:
         return self._commit()
 
     def is_banned(self, token: str, now: float) -> bool:
-        until = self._banned.get(token)
+        until = self._banned.get(hash_token(token))
         return until is not None and now < until
 
     def lead_ms(self) -> float:
@@ -351,11 +358,18 @@ class Room:
             "queue_seq": self._queue_seq,
             "seq": self._seq,
             "seats": [
-                {"id": p.id, "name": p.name, "role": p.role, "seq": p.seq, "token": p.token}
+                {
+                    "id": p.id,
+                    "name": p.name,
+                    "role": p.role,
+                    "seq": p.seq,
+                    "token_hash": p.token_hash,
+                }
                 for p in seats
-                if p.token is not None
+            # hashes only (access.hash_token): the database holds no live token
+                if p.token_hash is not None
             ],
-            "banned": self._banned,
+            "banned_hashes": self._banned,
             "password_hash": self.password_hash,
             "invites": {
                 code: {"role": inv.role, "expires_at": inv.expires_at}
@@ -400,13 +414,21 @@ class Room:
         room.shuffle = bool(state.get("shuffle", False))
         room._queue_seq = int(snap.get("queue_seq", 0))
         room._seq = int(snap.get("seq", 0))
-        room._banned = {str(k): float(v) for k, v in snap.get("banned", {}).items()}
+        # Snapshots from before token hashing hold plain tokens ("banned", and
+        # "token" in seats): hash them now, so that they too resume and stay banned.
+        room._banned = {hash_token(str(k)): float(v) for k, v in snap.get("banned", {}).items()}
+        room._banned.update((str(k), float(v)) for k, v in snap.get("banned_hashes", {}).items())
         grace = max(resume_grace_ms, 0.0)
         for seat in snap.get("seats", []):
             p = Participant(
-                seat["id"], seat["name"], seat["role"], seat["seq"], token=seat["token"]
+                seat["id"], seat["name"], seat["role"], seat["seq"], token_hash=str(token_hash)
             )
-            room._reserved[p.token or ""] = _Reservation(p, now + grace)
+            token_hash = seat.get("token_hash")
+            if token_hash is None and seat.get("token") is not None:
+                token_hash = hash_token(str(seat["token"]))
+            if token_hash is None:
+                continue
+            room._reserved[str(token_hash)] = _Reservation(p, now + grace)
         return room
 
     # -- membership ----------------------------------------------------------
@@ -422,10 +444,11 @@ class Room:
             role = HOST
         elif role != COHOST:
             role = LISTENER
-        p = Participant(pid, name, role, self._seq, token=token)
+        token_hash = hash_token(token) if token is not None else None
+        p = Participant(pid, name, role, self._seq, token_hash=token_hash)
         self.participants[pid] = p
         self._note_joined(p, now)
-        return [self._welcome(p, now)]
+        return [self._welcome(p, now, token)]
 
     def resume(self, token: str, now: float) -> list[Effect] | None:
         """Seat a participant again by their token: same id, name and role.
@@ -435,7 +458,7 @@ class Room:
         connected (a second tab, or a reconnect the server has not noticed the
         drop of yet) must be released with ``leave`` by the caller first.
         """
-        reservation = self._reserved.pop(token, None)
+        reservation = self._reserved.pop(hash_token(token), None)
         if reservation is None or self.is_banned(token, now):
             return None
         p = reservation.participant  # keeps its seniority (seq) across the blip
@@ -443,12 +466,12 @@ class Room:
             p.role = LISTENER  # someone claimed it meanwhile
         self.participants[p.id] = p
         self._note_joined(p, now)
-        return [self._welcome(p, now)]
+        return [self._welcome(p, now, token)]
 
-    def _welcome(self, p: Participant, now: float) -> Reply:
+    def _welcome(self, p: Participant, now: float, token: str | None) -> Reply:
         you = p.to_wire()
-        if p.token is not None:
-            you["token"] = p.token
+        if token is not None:
+            you["token"] = token  # to its owner only; the room keeps its hash
         welcome = {
             "you": you,
             "room": self.state(),
@@ -463,8 +486,8 @@ class Room:
         """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
         p = self.participants.pop(pid)
         self._note_left(pid, now)
-        if hold and p.token is not None and self.resume_grace_ms > 0:
-            self._reserved[p.token] = _Reservation(p, now + self.resume_grace_ms)
+        if hold and p.token_hash is not None and self.resume_grace_ms > 0:
+            self._reserved[p.token_hash] = _Reservation(p, now + self.resume_grace_ms)
         elif p.role == HOST:
             self._elect(now)
         return []
@@ -614,8 +637,8 @@ class Room:
         target = self.participants.get(target_id)
         if target is None or target is sender:
             return [Error(pid, "no_such_participant", "no other participant with that id")]
-        if target.token is not None:
-            self._banned[target.token] = now + KICK_BAN_MS
+        if target.token_hash is not None:
+            self._banned[target.token_hash] = now + KICK_BAN_MS
         self.leave(target_id, now, hold=False)
         return [Reply(target_id, "kicked", {})]
 
@@ -638,7 +661,7 @@ class Room:
             url = validate_track_url(msg.url)
         except BadURL as exc:
             return [Error(sender.id, "bad_url", str(exc))]
-        title = msg.title.strip() if msg.title and msg.title.strip() else _title_from_url(url)
+        title = clean_title(msg.title) or _title_from_url(url)
         self.track = Track(url, title, msg.duration)
         extra = TRACK_PRELOAD_LEAD_MS if msg.autoplay else 0.0
         at = self._effective_time(now, extra)
@@ -675,7 +698,7 @@ class Room:
                 url = validate_track_url(msg.url)
             except BadURL as exc:
                 return [Error(sender.id, "bad_url", str(exc))]
-            title = msg.title.strip() if msg.title and msg.title.strip() else _title_from_url(url)
+            title = clean_title(msg.title) or _title_from_url(url)
             resolved = Track(url, title, msg.duration)
         if len(self.queue) >= MAX_QUEUE_ITEMS:
             return [Error(sender.id, "queue_full", f"the queue holds {MAX_QUEUE_ITEMS} tracks")]
@@ -798,4 +821,4 @@ def _title_from_url(url: str) -> str:
 
     last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
     stem = last.rsplit(".", 1)[0]
-    return stem[:200] or "untitled"
+    return clean_title(stem) or "untitled"  # %-escapes may decode to control characters

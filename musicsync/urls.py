@@ -1,4 +1,4 @@
-"""Validation of track URLs and room and display names (sans-IO)."""
+"""Validation of track URLs and room names; cleaning of display names and titles (sans-IO)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 MAX_URL_LENGTH = 2048
 MAX_DISPLAY_NAME = 40
+MAX_TITLE_CHARS = 200  # the protocol's own cap on a title (protocol.MAX_TITLE_LENGTH)
 AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".wav", ".m4a", ".flac", ".webm")
 MEDIA_PREFIX = "/media/"
 ROOM_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -68,12 +69,24 @@ def _check_extension(path: str) -> None:
         raise BadURL(f"track must end in one of: {allowed}")
 
 
+def printable_line(raw: str, limit: int) -> str:
+    """NFC, no control, format (bidi, zero-width), surrogate or unassigned characters,
+    whitespace runs (line breaks included) folded to one space, trimmed, at most ``limit``."""
+    cleaned = "".join(
+        ch for ch in unicodedata.normalize("NFC", raw) if unicodedata.category(ch)[0] != "C"
+    )
+    return " ".join(cleaned.split())[:limit].strip()
+
+
 def sanitize_display_name(raw: str | None) -> str:
     """Printable, single-line, trimmed, at most MAX_DISPLAY_NAME characters."""
     if not raw:
         return DEFAULT_DISPLAY_NAME
-    cleaned = "".join(
-        ch for ch in unicodedata.normalize("NFC", raw) if unicodedata.category(ch)[0] != "C"
-    )
-    cleaned = " ".join(cleaned.split())[:MAX_DISPLAY_NAME].strip()
-    return cleaned or DEFAULT_DISPLAY_NAME
+    return printable_line(raw, MAX_DISPLAY_NAME) or DEFAULT_DISPLAY_NAME
+
+
+def clean_title(raw: str | None) -> str | None:
+    """A track title cleaned as display names are; None if nothing printable is left."""
+    if not raw:
+        return None
+    return printable_line(raw, MAX_TITLE_CHARS) or None

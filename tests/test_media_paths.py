@@ -146,3 +146,88 @@ def test_a_missing_root_resolves_nothing(tmp_path: Path) -> None:
 )
 def test_content_types(name: str, expected: str) -> None:
     assert content_type_for(Path(name)) == expected
+
+
+# -- byte ranges (RFC 9110 14.1-14.2; issue 10) --------------------------------------
+
+SIZE = 32_044  # the file of the issue
+
+
+@pytest.mark.parametrize(
+    ("header", "first", "last"),
+    [
+        ("bytes=0-0", 0, 0),
+        ("bytes=0-99", 0, 99),
+        ("bytes=100-", 100, SIZE - 1),
+        ("bytes=30000-35000", 30000, SIZE - 1),  # the end is capped at the last byte
+        ("bytes=0-40000", 0, SIZE - 1),
+        ("bytes=0-" + "1" + "0" * 24, 0, SIZE - 1),  # an end of 10^24
+        ("bytes=0-" + "9" * 5000, 0, SIZE - 1),  # past int()'s digit limit
+        (f"bytes={SIZE - 1}-{SIZE - 1}", SIZE - 1, SIZE - 1),
+        ("bytes=-500", SIZE - 500, SIZE - 1),
+        ("bytes=-40000", 0, SIZE - 1),  # a suffix longer than the file: all of it
+        ("BYTES=5-9", 5, 9),  # the unit is case-insensitive
+        (" bytes=5-9 ", 5, 9),
+        ("bytes=007-008", 7, 8),
+    ],
+)
+def test_satisfiable_ranges(header: str, first: int, last: int) -> None:
+    from musicsync.media import byte_range
+
+    got = byte_range(header, SIZE)
+    assert got is not None
+    assert (got.first, got.last, got.size) == (first, last, SIZE)
+    assert got.length == last - first + 1
+    assert got.content_range == f"bytes {first}-{last}/{SIZE}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"bytes={SIZE}-",
+        f"bytes={SIZE}-{SIZE + 10}",
+        "bytes=40000-50000",
+        "bytes=" + "1" + "0" * 24 + "-",  # a start of 10^24
+        "bytes=-0",
+    ],
+)
+def test_unsatisfiable_ranges_are_416(header: str) -> None:
+    from musicsync.media import RangeNotSatisfiable, byte_range
+
+    with pytest.raises(RangeNotSatisfiable) as info:
+        byte_range(header, SIZE)
+    assert info.value.content_range == f"bytes */{SIZE}"
+
+
+def test_any_range_of_an_empty_file_is_416() -> None:
+    from musicsync.media import RangeNotSatisfiable, byte_range
+
+    for header in ("bytes=0-", "bytes=0-0", "bytes=-1"):
+        with pytest.raises(RangeNotSatisfiable):
+            byte_range(header, 0)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "bytes",
+        "bytes=",
+        "bytes=-",
+        "bytes=abc",
+        "bytes=5-1",  # the end before the start: invalid, ignored
+        "bytes=1-2-3",
+        "bytes=0x10-20",
+        "bytes=-1-2",
+        "bytes=0-1,5-6",  # several ranges: the whole file (no multipart answers)
+        "bytes=0-1, 40000-",
+        "items=0-9",
+        "bytes 0-9",
+        "bytes=\u0661-\u0662",  # Arabic-Indic digits are digits to str.isdigit, not here
+    ],
+)
+def test_ignored_range_headers_mean_the_whole_file(header: str | None) -> None:
+    from musicsync.media import byte_range
+
+    assert byte_range(header, SIZE) is None

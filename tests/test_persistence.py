@@ -223,3 +223,60 @@ async def test_a_server_in_this_process_takes_the_lock_and_gives_it_back(tmp_pat
         lock.release()
     assert (settings.data_dir / LOCK_FILENAME).read_text() == ""
     DataDirLock.acquire(settings.data_dir).release()
+
+
+# -- issue 10: tokens are stored as hashes ----------------------------------------
+
+
+def test_snapshot_holds_token_hashes_and_old_plain_snapshots_still_resume() -> None:
+    import json
+
+    from musicsync.access import hash_token
+    from musicsync.protocol import Kick
+
+    room = Room("main")
+    room.join("h", "Host", T0, token="tok-h")
+    room.join("l", "L", T0, token="tok-l")
+    room.join("k", "K", T0, token="tok-k")
+    room.handle("h", Kick(id="k"), T0)
+    snap = room.snapshot()
+    text = json.dumps(snap)
+    assert "tok-" not in text  # not one token in plain form
+    assert {s["token_hash"] for s in snap["seats"]} == {hash_token("tok-h"), hash_token("tok-l")}
+    again = Room.restore("main", json.loads(text), T0 + 1_000)
+    assert again.resume("tok-l", T0 + 2_000) is not None
+    assert again.is_banned("tok-k", T0 + 2_000)
+    # A database written before hashing: seats carry "token", bans are keyed by token.
+    old = json.loads(text)
+    for seat in old["seats"]:
+        seat["token"] = {hash_token("tok-h"): "tok-h", hash_token("tok-l"): "tok-l"}[
+            seat.pop("token_hash")
+        ]
+    old["banned"] = {"tok-k": old.pop("banned_hashes")[hash_token("tok-k")]}
+    restored = Room.restore("main", old, T0 + 1_000)
+    assert "tok-" not in json.dumps(restored.snapshot())  # hashed on restore
+    effects = restored.resume("tok-h", T0 + 2_000)
+    assert effects is not None
+    assert effects[0].payload["you"] == {  # type: ignore[union-attr]
+        "id": "h",
+        "name": "Host",
+        "role": "host",
+        "token": "tok-h",
+    }
+    assert restored.is_banned("tok-k", T0 + 2_000)
+    assert not restored.holds_seat("tok-k")
+    assert restored.resume("tok-x", T0 + 2_000) is None
+
+
+async def test_the_database_file_holds_no_plain_token(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    async with open_server(settings) as server, connect(server, "vault", name="H") as host:
+        token = host.welcome["you"]["token"]
+        await host.send("volume", volume=0.5)
+        await host.expect_state(volume=0.5)
+        await server.hub.persist_all()
+    raw = b"".join(p.read_bytes() for p in settings.data_dir.iterdir() if p.is_file())
+    assert token.encode() not in raw
+    async with open_server(settings) as server, connect(server, "vault", token=token) as back:
+        assert back.welcome["you"]["role"] == "host"
+        assert back.welcome["you"]["token"] == token

@@ -775,3 +775,74 @@ def test_presence_window_grows_with_the_room() -> None:
     for i in range(10_000):  # seated directly: join()'s welcome would make this O(N^2)
         room.participants[f"q{i}"] = Participant(f"q{i}", "x", LISTENER, 10_000 + i)
     assert room.presence_window_ms() == PRESENCE_MAX_COALESCE_MS
+
+
+# -- issue 10: resume tokens kept as hashes, titles cleaned ---------------------
+
+
+def test_the_room_keeps_only_a_hash_of_each_token() -> None:
+    import json
+
+    from musicsync.access import hash_token
+    from musicsync.protocol import Kick
+
+    room = Room("main")
+    room.join("h", "Host", T0, token="plain-token-of-the-host")
+    effects = room.join("l", "L", T0, token="plain-token-of-the-listener")
+    # the plain token goes to its owner, in the welcome, and nowhere else
+    assert effects[0].payload["you"]["token"] == "plain-token-of-the-listener"  # type: ignore[union-attr]
+    assert room.participants["l"].token_hash == hash_token("plain-token-of-the-listener")
+    assert room.participant_for_token("plain-token-of-the-listener") is room.participants["l"]
+    assert room.participant_for_token(hash_token("plain-token-of-the-listener")) is None
+    assert room.holds_seat("plain-token-of-the-host")
+    room.leave("h", T0 + 1)
+    assert room.holds_seat("plain-token-of-the-host")  # held by its hash
+    assert not room.holds_seat(hash_token("plain-token-of-the-host"))
+    resumed = room.resume("plain-token-of-the-host", T0 + 2)
+    assert resumed is not None
+    assert resumed[0].payload["you"]["token"] == "plain-token-of-the-host"  # type: ignore[union-attr]
+    room.handle("h", Kick(id="l"), T0 + 3)
+    assert room.is_banned("plain-token-of-the-listener", T0 + 4)
+    assert not room.is_banned(hash_token("plain-token-of-the-listener"), T0 + 4)
+    snapshot = json.dumps(room.snapshot())
+    assert "plain-token" not in snapshot
+    assert hash_token("plain-token-of-the-host") in snapshot
+    assert hash_token("plain-token-of-the-listener") in snapshot  # the ban
+
+
+def test_hash_token_is_sha256_hex() -> None:
+    import hashlib
+
+    from musicsync.access import hash_token
+
+    assert hash_token("abc") == hashlib.sha256(b"abc").hexdigest()
+    assert len(hash_token("x" * 22)) == 64
+
+
+@pytest.mark.parametrize(
+    ("title", "shown"),
+    [
+        ("Evil\u202eplay.mp3", "Evilplay.mp3"),  # right-to-left override
+        ("a\u200bb\u200dc\ufeff", "abc"),  # zero-width space, joiner, BOM
+        ("line\nbreak\r\x00\x07end", "linebreakend"),  # as display names: dropped
+        ("\u2066isolate\u2069 \u200e\u200fmarks", "isolate marks"),
+        ("   spaced   out   ", "spaced out"),
+        ("Caf\u0065\u0301", "Caf\u00e9"),  # NFC
+    ],
+)
+def test_track_titles_are_cleaned_like_display_names(title: str, shown: str) -> None:
+    from musicsync.protocol import QueueAdd
+
+    room = make_room("h")
+    room.handle("h", SetTrack(url=TRACK, title=title), T0)
+    assert room.track is not None and room.track.title == shown
+    room.handle("h", QueueAdd(url=TRACK, title=title), T0)
+    assert room.queue[-1].track.title == shown
+
+
+def test_a_title_of_nothing_printable_falls_back_to_the_url() -> None:
+    room = make_room("h")
+    room.handle("h", SetTrack(url="/media/My%20Song.mp3", title="\u202e\u200b\n"), T0)
+    assert room.track is not None and room.track.title == "My Song"
+    room.handle("h", SetTrack(url="/media/a%E2%80%AEb%0A.mp3"), T0)
+    assert room.track is not None and room.track.title == "ab"  # escapes decoded, then cleaned

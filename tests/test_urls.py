@@ -310,3 +310,43 @@ def test_sanitized_names_are_printable_single_line_and_bounded(raw: str | None) 
     assert all(ch == " " or not ch.isspace() for ch in name)
     assert all(ch.isprintable() for ch in name)
     assert sanitize_display_name(name) == name  # idempotent
+
+
+# -- track titles (issue 10) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("\u202e\u200b\x00\n", None),
+        ("Song", "Song"),
+        ("rtl\u202eevil.mp3", "rtlevil.mp3"),
+        ("\u2067isolated\u2069", "isolated"),
+        ("zero\u200bwidth\u200cjoin\u200d\ufeff", "zerowidthjoin"),
+        ("a\x1b[2Jb", "a[2Jb"),
+        ("two\u2028lines", "two lines"),
+        ("  lots   of   space  ", "lots of space"),
+        ("Zoe\u0301", "Zoé"),
+        ("🎵 Title 🎵", "🎵 Title 🎵"),
+    ],
+)
+def test_clean_title(raw: str | None, expected: str | None) -> None:
+    from musicsync.urls import clean_title
+
+    assert clean_title(raw) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=400))
+def test_clean_titles_are_printable_single_line_and_bounded(raw: str) -> None:
+    from musicsync.urls import MAX_TITLE_CHARS, clean_title
+
+    title = clean_title(raw)
+    if title is None:
+        return
+    assert 1 <= len(title) <= MAX_TITLE_CHARS == 200
+    assert title == title.strip() and "  " not in title
+    assert all(ch.isprintable() for ch in title)
+    assert clean_title(title) == title
