@@ -263,6 +263,10 @@ async def _admit_and_serve(hub: Hub, settings: Settings, room_name: str, client:
             if refusal is not None:
                 await _refuse(websocket, *refusal)
                 return
+    refusal = hub.room_refusal(room_name, client.ip)  # opens the room if it may
+    if refusal is not None:
+        await _refuse(websocket, *refusal)
+        return
     await websocket.accept()
     name = sanitize_display_name(websocket.args.get("name"))
     hub.join(room_name, client, name, resume_token=token, role=role)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import heapq
 import logging
+import math
+import random
 import secrets
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +36,8 @@ from .room import (
     Room,
     Track,
 )
-from .store import RoomStore, StoreError
+from .roomwriter import RoomWriter
+from .store import RoomStore
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,15 @@ PASSWORD_ATTEMPT_BURST = 5.0
 PASSWORD_ATTEMPTS_PER_SECOND = 1 / 12
 # Per-address buckets kept at most; past this they are dropped wholesale.
 MAX_TRACKED_ADDRESSES = 10_000
+# New rooms per address: settings.new_rooms_per_ip_per_hour at once, refilled
+# over this window.
+NEW_ROOMS_REFILL_SECONDS = 3600.0
+# A room the timer has just polled is not polled again sooner than this, even
+# if its deadline stayed in the past (a bug there must not spin the loop).
+TIMER_MIN_REPOLL = 0.001
+# Stale timer entries (a room's deadline moved earlier) are swept out once the
+# heap holds more than twice the live rooms plus this many.
+TIMER_HEAP_SLACK = 64
 
 
 class Client:
@@ -112,15 +124,25 @@ class Client:
         await self._bell_recv.receive()
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class RoomEntry:
+    """A live room: its clients, idle clock, timer slot and changes waiting for the disk."""
+
     room: Room
     clients: dict[str, Client] = field(default_factory=dict)
     empty_since: float | None = None
-    bell: trio.Event = field(default_factory=trio.Event)
+    # The hub's timer: wake() asks it to look at this room's deadline again.
+    on_wake: Callable[[RoomEntry], None] | None = field(default=None, repr=False)
+    due: float = math.inf  # trio time the timer will poll this room at
+    timer_seq: int = -1  # which heap item is this room's live one
+    durable_revision: int = 0  # room.revision known to be on disk
+    captured_revision: int = 0  # room.revision of the snapshot last handed to the writer
+    # Effects held until the room's revision (first item) is on disk, in order.
+    backlog: list[tuple[int, list[Effect]]] = field(default_factory=list)
 
     def wake(self) -> None:
-        self.bell.set()
+        if self.on_wake is not None:
+            self.on_wake(self)
 
 
 @dataclass
@@ -143,6 +165,15 @@ class Hub:
         self.clock = clock
         self.store = store
         self._db_lane = trio.CapacityLimiter(1)  # one writer thread, writes in order
+        self.writer = RoomWriter(store, self._db_lane) if store is not None else None
+        # One timer for every room: (due, seq, entry); see _timer_loop.
+        self._timer_heap: list[tuple[float, int, RoomEntry]] = []
+        self._timer_seq = 0
+        self._timer_bell = trio.Event()
+        self._timer_next = math.inf
+        self._room_buckets: dict[str, TokenBucket] = {}
+        # One shuffle generator for every room (a Random each cost ~3 KB a room).
+        self._rng = random.Random()
         self._nursery: trio.Nursery | None = None
         self.rooms: dict[str, RoomEntry] = {}
         self.track_lookup: Callable[[str], Track | None] | None = None
@@ -153,9 +184,12 @@ class Hub:
         self.closing = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the room timers until ``close``."""
+        """Host the room writer and the rooms' timer until ``close``."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.writer is not None:
+                await nursery.start(self.writer.run)
+            nursery.start_soon(self._timer_loop)
             task_status.started()
             await trio.sleep_forever()
 
@@ -199,9 +233,7 @@ class Hub:
         entry.clients.clear()
         for client in clients:
             client.fail(CLOSE_ROOM_CLOSED, "room closed by the operator")
-        entry.empty_since = trio.current_time() - self.settings.room_idle_ttl
-        entry.wake()
-        await self._forget(room_name)
+        await self._forget(room_name)  # the timer drops the entry: no longer in self.rooms
         return len(clients)
 
     def admits(self, ip: str) -> bool:
@@ -218,17 +250,54 @@ class Hub:
         return client
 
     def room_entry(self, room_name: str, room: Room | None = None) -> RoomEntry:
-        """The live room of that name, created (with its timer) if need be."""
+        """The live room of that name, created (on the hub's timer) if need be."""
         entry = self.rooms.get(room_name)
         if entry is None:
-            grace_ms = self.settings.resume_grace * 1000
-            entry = RoomEntry(room or Room(room_name, resume_grace_ms=grace_ms))
-            self.rooms[room_name] = entry
             if self._nursery is None:
                 raise RuntimeError("Hub.run() is not running")
-            self._nursery.start_soon(self._room_timer, room_name, entry)
+            grace_ms = self.settings.resume_grace * 1000
+            entry = RoomEntry(room or Room(room_name, resume_grace_ms=grace_ms, rng=self._rng))
+            entry.on_wake = self._reschedule
+            entry.durable_revision = entry.captured_revision = entry.room.revision
+            self.rooms[room_name] = entry
+            entry.wake()
             log.info("room %s %s", room_name, "restored" if room else "created")
         return entry
+
+    def room_refusal(self, room_name: str, ip: str) -> tuple[str, str, int] | None:
+        """None if the room exists or ``ip`` may open it; else (code, message, close code).
+
+        A room that may be opened is opened here, empty, with no await between
+        the count and the creation, so that concurrent handshakes cannot pass
+        ``max_rooms`` together; it is forgotten after ``room_idle_ttl`` unless
+        someone joins it.
+        """
+        if room_name in self.rooms:
+            return None
+        if len(self.rooms) >= self.settings.max_rooms:
+            self.stats.errors["too_many_rooms"] += 1
+            return (
+                "too_many_rooms",
+                f"this server holds {self.settings.max_rooms} rooms; join one or try later",
+                CLOSE_TOO_MANY,
+            )
+        if len(self._room_buckets) > MAX_TRACKED_ADDRESSES:
+            self._room_buckets.clear()  # bounded memory; max_rooms still holds
+        burst = float(self.settings.new_rooms_per_ip_per_hour)
+        bucket = self._room_buckets.setdefault(
+            ip, TokenBucket(burst / NEW_ROOMS_REFILL_SECONDS, burst)
+        )
+        if not bucket.try_take(trio.current_time()):
+            self.stats.errors["too_many_new_rooms"] += 1
+            return (
+                "too_many_new_rooms",
+                "this address opened too many rooms; join one or try later",
+                CLOSE_TOO_MANY,
+            )
+        entry = self.room_entry(room_name)
+        entry.empty_since = trio.current_time()
+        entry.wake()
+        return None
 
     # -- persistence -----------------------------------------------------------
 
@@ -241,38 +310,69 @@ class Hub:
         now = self.clock.now_ms()
         for name, snap in rows:
             try:
-                room = Room.restore(name, snap, now, self.settings.resume_grace * 1000)
+                grace_ms = self.settings.resume_grace * 1000
+                room = Room.restore(name, snap, now, grace_ms, rng=self._rng)
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("room %s could not be restored (%s); skipped", name, exc)
                 continue
             entry = self.room_entry(name, room)
             entry.empty_since = trio.current_time()
+            entry.wake()
         return len(rows)
 
     async def persist(self, entry: RoomEntry) -> None:
-        """Commit the room's snapshot; returns once it is durable."""
-        if self.store is None:
-            return
-        room = entry.room
-        save = functools.partial(self.store.save, room.name, room.version, room.snapshot())
-        try:
-            await trio.to_thread.run_sync(save, limiter=self._db_lane)
-        except (sqlite3.Error, StoreError) as exc:
-            self.stats.errors["store"] += 1
-            log.error("could not save room %s: %s", room.name, exc)
+        """Commit the room's snapshot if it changed; returns once it is durable."""
+        done = self._persist_soon(entry, [])
+        if done is not None:
+            await done.wait()
 
     async def persist_all(self) -> None:
         for entry in list(self.rooms.values()):
-            await self.persist(entry)
+            self._persist_soon(entry, [])
+        if self.writer is not None:
+            await self.writer.flush()  # one transaction for all of them
+
+    def _persist_soon(self, entry: RoomEntry, effects: list[Effect]) -> trio.Event | None:
+        """Apply ``effects`` once the room's current revision is durable.
+
+        None if that is already so (they were applied now); else the event that
+        is set once the writer has settled the batch holding the room (the
+        effects are applied, in order, just before). Only the hub's tasks apply
+        them, so a cancelled waiter loses nothing.
+        """
+        room = entry.room
+        if self.writer is None or (room.revision <= entry.durable_revision and not entry.backlog):
+            self._apply(entry, effects)
+            return None
+        entry.backlog.append((room.revision, effects))
+        capture = functools.partial(self._capture, entry)
+        return self.writer.submit(room.name, capture, functools.partial(self._settled, entry))
+
+    @staticmethod
+    def _capture(entry: RoomEntry) -> tuple[int, dict[str, Any]]:
+        room = entry.room
+        entry.captured_revision = room.revision
+        # The writer thread encodes it while the loop goes on: copy the nested
+        # dicts the room keeps using (snapshot() shares its ban table).
+        snapshot = {k: dict(v) if isinstance(v, dict) else v for k, v in room.snapshot().items()}
+        return room.version, snapshot
+
+    def _settled(self, entry: RoomEntry, durable: bool) -> None:
+        """The writer wrote (or failed to write: logged) the captured revision."""
+        upto = entry.captured_revision
+        if durable:
+            entry.durable_revision = max(entry.durable_revision, upto)
+        else:
+            self.stats.errors["store"] += 1
+        ready = [effects for revision, effects in entry.backlog if revision <= upto]
+        entry.backlog = [item for item in entry.backlog if item[0] > upto]
+        for effects in ready:
+            self._apply(entry, effects)
 
     async def _forget(self, room_name: str) -> None:
-        if self.store is None:
-            return
-        forget = functools.partial(self.store.delete, room_name)
-        try:
-            await trio.to_thread.run_sync(forget, limiter=self._db_lane)
-        except (sqlite3.Error, StoreError) as exc:
-            log.error("could not delete room %s: %s", room_name, exc)
+        """Delete the stored room, after any save of it queued before."""
+        if self.writer is not None:
+            await self.writer.forget(room_name).wait()
 
     async def close_store(self) -> None:
         """Close the database in the writers' lane, after any write in flight."""
@@ -356,9 +456,10 @@ class Hub:
         return entry.room.set_password_hash(client.id, hashed)
 
     async def _persist_then_apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
-        if any(isinstance(e, (BroadcastState, BroadcastPresence)) for e in effects):
-            await self.persist(entry)
-        self._apply(entry, effects)
+        """Apply ``effects`` once every change to the room so far is durable."""
+        done = self._persist_soon(entry, effects)
+        if done is not None:
+            await done.wait()
 
     def _resolve_queue_add(self, msg: QueueAdd) -> QueueAdd:
         track = self.resolve_track(msg.track_id or "")
@@ -418,30 +519,67 @@ class Hub:
 
     # -- timers --------------------------------------------------------------
 
-    async def _room_timer(self, room_name: str, entry: RoomEntry) -> None:
-        """Flush coalesced presence on time; forget the room once idle long enough."""
+    def _due(self, entry: RoomEntry) -> float:
+        """The trio time at which the room needs its poll (or its idle check)."""
+        due = math.inf
+        deadline_ms = entry.room.next_deadline()
+        if deadline_ms is not None:
+            due = trio.current_time() + (deadline_ms - self.clock.now_ms()) / 1000.0
+        if entry.empty_since is not None:
+            due = min(due, entry.empty_since + self.settings.room_idle_ttl)
+        return due
+
+    def _reschedule(self, entry: RoomEntry, not_before: float = -math.inf) -> None:
+        """The room's deadline may have moved: make sure the timer wakes by then.
+
+        A later deadline keeps the earlier heap item (its poll is then early and
+        harmless, and it reschedules); an earlier one adds an item and marks the
+        old one stale.
+        """
+        due = max(self._due(entry), not_before)
+        if due >= entry.due:
+            return
+        self._timer_seq += 1
+        entry.due, entry.timer_seq = due, self._timer_seq
+        heapq.heappush(self._timer_heap, (due, self._timer_seq, entry))
+        if due < self._timer_next:
+            self._timer_bell.set()
+        if len(self._timer_heap) > 2 * len(self.rooms) + TIMER_HEAP_SLACK:
+            self._timer_heap = [item for item in self._timer_heap if item[2].timer_seq == item[1]]
+            heapq.heapify(self._timer_heap)
+
+    async def _timer_loop(self) -> None:
+        """Every room's timer: poll each room at its deadline; forget idle rooms.
+
+        One task and one heap for the hub (a task per room cost kilobytes each).
+        The bell is reset only after the due rooms are polled: their own polls
+        ring it (``_apply`` wakes a room with a deadline, and a playing track
+        always has one), and a bell rung by our own poll would wake this loop at
+        once, forever. The heap already holds their next deadlines.
+        """
         while True:
-            deadline_ms = entry.room.next_deadline()
-            deadline = trio.current_time() + (
-                (deadline_ms - self.clock.now_ms()) / 1000.0 if deadline_ms is not None else 1e9
-            )
-            if entry.empty_since is not None:
-                deadline = min(deadline, entry.empty_since + self.settings.room_idle_ttl)
-            with trio.move_on_at(deadline):
-                await entry.bell.wait()
-            await self._persist_then_apply(entry, entry.room.poll(self.clock.now_ms()))
-            # Only after applying: _apply rings the bell whenever the room has a
-            # deadline (a playing track always has one), and a bell rung by our
-            # own poll would wake this loop at once, forever (a busy loop that
-            # took a whole core). The deadline is recomputed from the room's
-            # state at the top of the loop, so no other task's change is lost.
-            entry.bell = trio.Event()
-            if (
-                entry.empty_since is not None
-                and trio.current_time() >= entry.empty_since + self.settings.room_idle_ttl
-            ):
-                if self.rooms.get(room_name) is entry:
-                    del self.rooms[room_name]
-                    await self._forget(room_name)
-                log.info("room %s forgotten after being idle", room_name)
-                return
+            now = trio.current_time()
+            while self._timer_heap and self._timer_heap[0][0] <= now:
+                _, seq, entry = heapq.heappop(self._timer_heap)
+                if entry.timer_seq == seq:  # else stale: the room was rescheduled
+                    entry.due, entry.timer_seq = math.inf, -1
+                    self._tick(entry, now)
+            self._timer_bell = trio.Event()
+            self._timer_next = self._timer_heap[0][0] if self._timer_heap else math.inf
+            with trio.move_on_at(self._timer_next):
+                await self._timer_bell.wait()
+
+    def _tick(self, entry: RoomEntry, now: float) -> None:
+        """Flush coalesced presence on time; forget the room once idle long enough."""
+        room_name = entry.room.name
+        if self.rooms.get(room_name) is not entry:
+            return  # closed or forgotten: nothing to time
+        # Not awaited: the effects go out once durable, and no other room waits.
+        self._persist_soon(entry, entry.room.poll(self.clock.now_ms()))
+        if entry.empty_since is not None and now >= entry.empty_since + self.settings.room_idle_ttl:
+            del self.rooms[room_name]
+            if self.writer is not None:
+                self.writer.forget(room_name)  # ordered after any save queued before
+            log.info("room %s forgotten after being idle", room_name)
+            return
+        self._reschedule(entry, not_before=now + TIMER_MIN_REPOLL)

@@ -1,8 +1,9 @@
 """Durable room snapshots in SQLite (WAL), with a schema version and migrations.
 
-The store is synchronous; the hub calls it through one worker thread so that
-writes stay off the event loop and in order. A write is committed before the
-state it records is broadcast, so whatever a client was told survives a kill:
+The store is synchronous; the room writer (roomwriter.py) calls it from one
+worker thread so that writes stay off the event loop and in order, many rooms in
+one transaction (``save_many``). A write is committed before the state it
+records is broadcast, so whatever a client was told survives a kill:
 WAL with ``synchronous=NORMAL`` is durable against a process crash (SIGKILL);
 only a power loss can drop the last transactions.
 """
@@ -14,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
     ),
 }
+
+
+# One room to write: (name, version, snapshot).
+SaveRow = tuple[str, int, dict[str, Any]]
+
+UPSERT = """INSERT INTO rooms (name, version, snapshot, updated_at) VALUES (?, ?, ?, ?)
+   ON CONFLICT(name) DO UPDATE SET
+     version = excluded.version,
+     snapshot = excluded.snapshot,
+     updated_at = excluded.updated_at
+   WHERE excluded.version >= rooms.version"""
+
+
+def encode_snapshot(snapshot: dict[str, Any]) -> str:
+    return json.dumps(snapshot, separators=(",", ":"))
 
 
 class StoreError(Exception):
@@ -109,17 +125,31 @@ class RoomStore:
 
     def save(self, name: str, version: int, snapshot: dict[str, Any]) -> None:
         """Upsert a room; a snapshot older than the stored one is ignored."""
+        self.save_many([(name, version, snapshot)])
+
+    def save_many(self, rows: Sequence[SaveRow], deletes: Sequence[str] = ()) -> None:
+        """Delete ``deletes``, then upsert ``rows``, in one transaction.
+
+        The snapshots are encoded here (in the caller's worker thread). Each
+        upsert ignores a snapshot older than the stored one.
+        """
         if self.closed:
             raise StoreError("the room store is closed")
-        self._db.execute(
-            """INSERT INTO rooms (name, version, snapshot, updated_at) VALUES (?, ?, ?, ?)
-               ON CONFLICT(name) DO UPDATE SET
-                 version = excluded.version,
-                 snapshot = excluded.snapshot,
-                 updated_at = excluded.updated_at
-               WHERE excluded.version >= rooms.version""",
-            (name, version, json.dumps(snapshot, separators=(",", ":")), time.time()),
-        )
+        now = time.time()
+        encoded = [(name, version, encode_snapshot(snap), now) for name, version, snap in rows]
+        if not encoded and not deletes:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if deletes:
+                self._db.executemany("DELETE FROM rooms WHERE name = ?", [(n,) for n in deletes])
+            if encoded:
+                self._db.executemany(UPSERT, encoded)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:  # some errors (SQLITE_FULL) roll back by themselves
+                self._db.execute("ROLLBACK")
+            raise
 
     def delete(self, name: str) -> None:
         if self.closed:

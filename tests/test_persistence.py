@@ -3,6 +3,7 @@ directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from musicsync.cli import EXIT_DATA_DIR_BUSY
 from musicsync.datalock import LOCK_FILENAME, DataDirBusy, DataDirLock
 from musicsync.room import Room
 from musicsync.store import DB_FILENAME, RoomStore
 
-from .conftest import Server, connect, make_settings, open_server
+from .abuse.conftest import close_code_of
+from .conftest import Server, connect, make_settings, open_server, open_ws
 
 T0 = 1_800_000_000_000.0
 START_TIMEOUT = 20.0
@@ -128,6 +131,51 @@ async def test_sigkill_mid_song_loses_nothing_acknowledged(tmp_path: Path) -> No
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await proc.wait() == 0
+
+
+async def refused(server: Server, room: str, code: str, close: int, **query: str) -> None:
+    async with open_ws(server.ws_url(room, "x", **query)) as conn:
+        frame = json.loads(await conn.get_message())
+        assert (frame["type"], frame["code"]) == ("error", code), frame
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            await conn.get_message()
+        assert info.value.reason.code == close
+
+
+async def test_sigkill_keeps_invites_password_bans_and_settings(tmp_path: Path) -> None:
+    """Issue 10, item 5: changes that are not broadcast as a state are durable too."""
+    data, media = tmp_path / "data", tmp_path / "media"
+    media.mkdir()
+    async with server_process(data, media) as (proc, url):
+        first = process_server(url, tmp_path)
+        async with connect(first, "club", name="H") as host, connect(first, "club") as gone:
+            banned_token = gone.welcome["you"]["token"]
+            await host.send("set_password", password="pw")
+            await host.expect_state(settings={"listeners_may_upload": False, "protected": True})
+            await host.send("room_settings", listeners_may_upload=True)
+            await host.expect_state(settings={"listeners_may_upload": True, "protected": True})
+            await host.send("create_invite", role="listener", expires_in=3600)
+            revoked = (await host.expect("invite"))["code"]
+            await host.send("revoke_invite", code=revoked)
+            await host.expect("invite_revoked")
+            await host.send("create_invite", role="cohost", expires_in=3600)
+            issued = (await host.expect("invite"))["code"]
+            await host.send("kick", id=gone.id)  # acknowledged by the close
+            await close_code_of(gone.conn)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    async with server_process(data, media) as (proc, url):
+        second = process_server(url, tmp_path)
+        await refused(second, "club", "password_required", 4401, invite=revoked)
+        await refused(second, "club", "kicked", 4403, token=banned_token, password="pw")
+        async with connect(second, "club", name="Co", invite=issued) as co:
+            assert co.welcome["you"]["role"] == "cohost"
+            assert co.welcome["room"]["settings"] == {
+                "listeners_may_upload": True,
+                "protected": True,
+            }
+        async with connect(second, "club", name="P", password="pw") as member:
+            assert member.welcome["you"]["role"] == "listener"
 
 
 async def test_corrupt_database_is_moved_aside_and_server_starts_empty(tmp_path: Path) -> None:
