@@ -13,11 +13,14 @@ from typing import Any, Protocol
 import trio
 from quart import Response, abort, jsonify, request, send_file, websocket
 from quart_trio import QuartTrio
+from quart_trio.wrappers.response import TrioFileBody
 
 from . import __version__
 from .access import (
     SECURITY_HEADERS,
+    allowed_host_names,
     content_security_policy,
+    host_allowed,
     origin_allowed,
     verify_password,
 )
@@ -37,9 +40,10 @@ from .hub import (
     Client,
     Hub,
 )
-from .library import Library
+from .lan import allowed_hosts_for
+from .library import Library, UploadRecord, track_id
 from .logs import configure_logging
-from .media import content_type_for, resolve_media_path
+from .media import RangeNotSatisfiable, byte_range, content_type_for, resolve_media_path
 from .ops import register_ops_routes
 from .outbox import PendingPong
 from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
@@ -47,11 +51,18 @@ from .ratelimit import RateLimiter, Verdict
 from .room import Track
 from .sockets import set_permessage_deflate
 from .store import RoomStore
-from .uploads import FlowHTTPConnection, FlowRequest, handle_upload, max_request_bytes
+from .uploads import (
+    FlowHTTPConnection,
+    FlowRequest,
+    UploadLimits,
+    handle_upload,
+    max_request_bytes,
+)
 from .urls import is_valid_room_name, sanitize_display_name
 
 log = logging.getLogger(__name__)
 
+MAX_HOST_ECHO = 100  # characters of a refused Host header repeated in the 421
 CLOSE_WRITE_TIMEOUT = 2.0  # seconds to send a close frame before giving up on it
 CLOSE_DRAIN_TIMEOUT = 5.0  # seconds to keep reading after our close frame
 FALLBACK_PAGE = b"<!doctype html><title>musicsync</title><p>musicsync is running."
@@ -108,6 +119,7 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
             log.info("restored %d room(s) from %s", restored, store.path)
         hub.track_lookup = _library_lookup(library)
         state["hub"] = app.extensions["musicsync_hub"] = hub
+        app.extensions[ALLOWED_HOSTS] = await trio.to_thread.run_sync(_allowed_hosts, settings)
         app.nursery.start_soon(library.refresh)  # library ids resolve before anyone lists
 
     @app.after_serving
@@ -137,6 +149,20 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
             response.headers.setdefault(name, value)
         return response
 
+    @app.before_request
+    async def check_host() -> Response | None:
+        """DNS rebinding: serve only requests addressed to one of our own names."""
+        if host_allowed(request.headers.get("Host"), _host_names(app, settings)):
+            return None
+        return _misdirected(request.headers.get("Host"))
+
+    @app.before_websocket
+    async def check_websocket_host() -> Response | None:
+        """The same check before a WebSocket upgrade: refused, never accepted."""
+        if host_allowed(websocket.headers.get("Host"), _host_names(app, settings)):
+            return None
+        return _misdirected(websocket.headers.get("Host"))
+
     @app.get("/favicon.ico")
     async def favicon() -> Response:
         return Response(b"", status=204)
@@ -165,23 +191,41 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
     @app.get("/api/library")
     async def library_index() -> Any:
         listing = await library.listing()
-        return jsonify(**listing.to_json(), upload_max_bytes=settings.upload_max_bytes)
+        return jsonify(
+            **listing.to_json(),
+            upload_max_bytes=settings.upload_max_bytes,
+            uploads=settings.uploads,
+        )
+
+    upload_limits = UploadLimits.from_settings(settings)  # budgets per address live here
 
     @app.post("/api/upload")
     async def upload() -> Any:
-        body, status = await handle_upload(request, hub(), library, settings.upload_max_bytes)
+        body, status = await handle_upload(request, hub(), library, upload_limits)
         if status == HTTPStatus.CREATED:
             hub().announce("library", track=body.get("track"))  # everyone re-lists
             return jsonify(body), status
         # A refused body may still be arriving (or trickling): end the connection.
-        return jsonify(body), status, {"Connection": "close"}
+        headers = {"Connection": "close"}
+        if "retry_after" in body:
+            headers["Retry-After"] = str(body["retry_after"])
+        return jsonify(body), status, headers
 
     @app.get("/media/<path:subpath>")
     async def media(subpath: str) -> Response:
         path = resolve_media_path(settings.media_dir, subpath)
         if path is None:
             abort(404)
-        response = await send_file(path, mimetype=content_type_for(path), conditional=True)
+        try:
+            # Not conditional=True: Quart-Trio's file body does not cap a range
+            # at the file's end (issue 10). Ranges are media.byte_range's; the
+            # 304s stay Quart's.
+            response = await send_file(path, mimetype=content_type_for(path))
+        except OSError:  # gone since it was resolved
+            abort(404)
+        await response.make_conditional(request)
+        if response.status_code == HTTPStatus.OK:
+            response = _apply_range(request, response)
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Cache-Control"] = "no-cache"
         allow = _cors_allow(request.headers.get("Origin"), settings.cors_origins)
@@ -218,6 +262,31 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
         if closed is None:
             abort(404)
         return jsonify(closed=name, disconnected=closed)
+
+    @app.get("/api/admin/uploads")
+    async def admin_uploads() -> Any:
+        _require_admin(settings)
+        records = await trio.to_thread.run_sync(library.uploads)
+        await library.listing()
+        return jsonify(uploads=[_upload_entry(library, r) for r in records])
+
+    @app.delete("/api/admin/uploads/<path:name_or_id>")
+    async def admin_delete_upload(name_or_id: str) -> Any:
+        _require_admin(settings)
+        before = library.lookup(track_id(name_or_id)) or library.lookup(name_or_id)
+        try:
+            record = await trio.to_thread.run_sync(library.delete_upload, name_or_id)
+        except OSError as exc:
+            log.warning("could not delete the upload %s: %s", name_or_id, exc)
+            return jsonify(error="storage_error", message="the file could not be deleted"), 500
+        if record is None:
+            message = "no upload with that file name or track id"
+            return jsonify(error="no_such_upload", message=message), 404
+        await library.refresh()
+        removed = before.to_json() if before is not None else {"id": track_id(record.name)}
+        hub().announce("library", track=None, removed=removed)  # everyone re-lists
+        log.info("upload %s deleted by the operator", record.name)
+        return jsonify(deleted=record.to_json())
 
     @app.websocket("/ws/<room_name>")
     async def ws(room_name: str) -> None:
@@ -263,10 +332,6 @@ async def _admit_and_serve(hub: Hub, settings: Settings, room_name: str, client:
             if refusal is not None:
                 await _refuse(websocket, *refusal)
                 return
-    refusal = hub.room_refusal(room_name, client.ip)  # opens the room if it may
-    if refusal is not None:
-        await _refuse(websocket, *refusal)
-        return
     await websocket.accept()
     name = sanitize_display_name(websocket.args.get("name"))
     hub.join(room_name, client, name, resume_token=token, role=role)
@@ -294,6 +359,85 @@ async def _check_password(
         hub.stats.errors["bad_password"] += 1
         return "bad_password", "wrong password", CLOSE_UNAUTHORIZED
     return None
+
+
+ALLOWED_HOSTS = "musicsync_allowed_hosts"  # app.extensions key: frozenset of host names
+
+
+def _allowed_hosts(settings: Settings) -> frozenset[str]:
+    """The names the server answers to (blocking: it asks for this machine's names)."""
+    return allowed_hosts_for(
+        settings.host, settings.public_url, settings.allowed_origins, settings.allowed_hosts
+    )
+
+
+def _host_names(app: QuartTrio, settings: Settings) -> frozenset[str]:
+    names: frozenset[str] | None = app.extensions.get(ALLOWED_HOSTS)
+    if names is None:  # before startup finished: the configured names, no lookups
+        names = allowed_host_names(
+            bind_host=settings.host,
+            public_url=settings.public_url,
+            allowed_origins=settings.allowed_origins,
+            allowed_hosts=settings.allowed_hosts,
+            machine=(),
+        )
+    return names
+
+
+def _misdirected(host: str | None) -> Response:
+    """421: this server does not answer to that name (a DNS-rebinding page, or a missing
+    --allowed-host / --public-url)."""
+    shown = (host or "")[:MAX_HOST_ECHO]
+    response = jsonify(
+        error="misdirected",
+        message=f"this server does not answer to the host {shown!r};"
+        " its operator can add it with --allowed-host",
+    )
+    response.status_code = HTTPStatus.MISDIRECTED_REQUEST
+    response.headers["Connection"] = "close"
+    return response
+
+
+def _apply_range(req: Any, response: Response) -> Response:
+    """206 for a satisfiable ``Range``, 416 for an unsatisfiable one, else ``response``."""
+    body = response.response
+    if not isinstance(body, TrioFileBody) or not _if_range_holds(req, response):
+        return response
+    try:
+        wanted = byte_range(req.headers.get("Range"), body.size)
+    except RangeNotSatisfiable as exc:
+        refused = jsonify(error="range_not_satisfiable", message=str(exc))
+        refused.status_code = HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
+        refused.headers["Content-Range"] = exc.content_range
+        return refused
+    if wanted is None:
+        return response
+    body.begin, body.end = wanted.first, wanted.last + 1
+    response.status_code = HTTPStatus.PARTIAL_CONTENT
+    response.content_length = wanted.length
+    response.headers["Content-Range"] = wanted.content_range
+    return response
+
+
+def _if_range_holds(req: Any, response: Response) -> bool:
+    """False when ``If-Range`` names another version of the file: then the whole file."""
+    if_range: str | None = req.headers.get("If-Range")
+    if if_range is None:
+        return True
+    if_range = if_range.strip()
+    if if_range.startswith(('"', "W/")):
+        etag = response.headers.get("ETag")
+        return etag is not None and not if_range.startswith("W/") and if_range == etag
+    return if_range == response.headers.get("Last-Modified")
+
+
+def _upload_entry(library: Library, record: UploadRecord) -> dict[str, Any]:
+    entry = record.to_json()
+    entry["id"] = track_id(record.name)
+    track = library.lookup(entry["id"])
+    entry["url"] = track.url if track is not None else None
+    entry["title"] = track.title if track is not None else None
+    return entry
 
 
 def _cors_allow(origin: str | None, allowed: tuple[str, ...]) -> str | None:

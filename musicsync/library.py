@@ -7,6 +7,9 @@ at a time, and at most every ``refresh_interval`` seconds unless something
 (an upload) invalidates the listing first. The same rules as ``/media/`` decide
 what is listed: hidden files and directories are skipped, and so is anything
 that resolves (through a symlink) to outside the media directory.
+
+Uploads are recorded (name, size, time, room, address) in ``.uploads/uploads.json``,
+so that the operator API can list them and delete them, and nothing else.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ TRACK_ID_CHARS = 16
 MAX_DURATION = 1e7  # seconds; anything longer is a misparse
 UPLOADS_DIR = ".uploads"  # hidden: never listed, never served
 TITLES_FILE = "titles.json"  # original names of uploads, for files without a title tag
+UPLOADS_FILE = "uploads.json"  # every stored upload, for the operator API
+# The names uploads are stored under (uploads.py): "<slug>-<8 hex>.<ext>", in the root.
+UPLOAD_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*-[0-9a-f]{8}\.[a-z0-9]{2,5}")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -95,6 +101,10 @@ class Listing:
     tracks: tuple[LibraryTrack, ...]
     generation: int
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.size for t in self.tracks)
+
     def to_json(self) -> dict[str, Any]:
         return {"tracks": [t.to_json() for t in self.tracks], "generation": self.generation}
 
@@ -145,6 +155,41 @@ def describe(relpath: str, size: int, tags: Tags, fallback_title: str | None) ->
     )
 
 
+@dataclass(frozen=True)
+class UploadRecord:
+    """One stored upload: its file name in the library root, and where it came from."""
+
+    name: str
+    size: int
+    uploaded_at: float  # epoch seconds
+    room: str
+    address: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "uploaded_at": self.uploaded_at,
+            "room": self.room,
+            "address": self.address,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: object) -> UploadRecord | None:
+        if not isinstance(data, dict) or not UPLOAD_NAME.fullmatch(name):
+            return None
+        try:
+            return cls(
+                name,
+                int(data["size"]),
+                float(data["uploaded_at"]),
+                str(data["room"]),
+                str(data["address"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
 class Library:
     """The tracks under ``root``, refreshed when files change."""
 
@@ -164,6 +209,10 @@ class Library:
     @property
     def titles_path(self) -> Path:
         return self.root / UPLOADS_DIR / TITLES_FILE
+
+    @property
+    def uploads_path(self) -> Path:
+        return self.root / UPLOADS_DIR / UPLOADS_FILE
 
     def invalidate(self) -> None:
         """Make the next ``listing`` rescan, whenever it comes."""
@@ -268,9 +317,64 @@ class Library:
         with self._titles_lock:
             titles = {k: v for k, v in self._load_titles().items() if (self.root / k).exists()}
             titles[relpath] = title
-            tmp = self.titles_path.with_name(f".{TITLES_FILE}.part")
-            tmp.write_text(json.dumps(titles, ensure_ascii=False, sort_keys=True), "utf-8")
-            os.replace(tmp, self.titles_path)
+            _write_json(self.titles_path, titles)
+
+    # -- the uploads record (blocking: in a worker thread) --------------------
+
+    def uploads(self) -> list[UploadRecord]:
+        """Every recorded upload whose file is still there, oldest first."""
+        records = [r for r in self._load_uploads().values() if (self.root / r.name).is_file()]
+        return sorted(records, key=lambda r: (r.uploaded_at, r.name))
+
+    def _load_uploads(self) -> dict[str, UploadRecord]:
+        try:
+            data = json.loads(self.uploads_path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        found = (UploadRecord.from_json(k, v) for k, v in data.items() if isinstance(k, str))
+        return {r.name: r for r in found if r is not None}
+
+    def _save_uploads(self, records: dict[str, UploadRecord]) -> None:
+        _write_json(self.uploads_path, {name: r.to_json() for name, r in records.items()})
+
+    def remember_upload(self, record: UploadRecord) -> None:
+        with self._titles_lock:
+            records = {k: r for k, r in self._load_uploads().items() if (self.root / k).exists()}
+            records[record.name] = record
+            self._save_uploads(records)
+
+    def delete_upload(self, name_or_id: str) -> UploadRecord | None:
+        """Delete a recorded upload, named by file name or track id; None if there is none.
+
+        Only names in the uploads record can be deleted, and only as a file
+        directly in the root: never an operator's file, never a path.
+        """
+        with self._titles_lock:
+            records = self._load_uploads()
+            record = records.get(name_or_id) or next(
+                (r for r in records.values() if track_id(r.name) == name_or_id), None
+            )
+            if record is None:
+                return None
+            path = resolve_media_path(self.root, record.name)
+            if path is not None and path.parent == self.root.resolve():
+                path.unlink(missing_ok=True)
+            del records[record.name]
+            self._save_uploads(records)
+            titles = self._load_titles()
+            if titles.pop(record.name, None) is not None:
+                _write_json(self.titles_path, titles)
+        self.invalidate()
+        return record
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace a small JSON file atomically."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True), "utf-8")
+    os.replace(tmp, path)
 
 
 def _inside(path: Path, base: Path) -> bool:

@@ -9,6 +9,13 @@ is then parsed (``magic.verify``); only if that passes is it moved into the
 library under a generated name, with one atomic link or rename. Any failure,
 including the client going away, deletes the temporary file.
 
+What keeps the disk (``UploadLimits``, from the settings): who may upload at
+all (``--uploads off|hosts|everyone``), a byte budget per address and hour
+(429), a cap on the whole library (507 ``library_full``) and a free-disk floor
+(507 ``disk_full``). Each is checked before the first byte of the body is read,
+against ``Content-Length`` when there is one, and again while the body streams,
+so that neither a chunked body nor a lying length gets past them.
+
 Quart collects a request body in memory for as long as the handler does not
 read it, and its reader never waits. ``FlowHTTPConnection`` and ``FlowBody``
 add back-pressure: once a handler starts iterating over the body, at most
@@ -42,8 +49,10 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from . import magic
+from .config import Settings
 from .hub import Hub
-from .library import UPLOADS_DIR, Library, LibraryTrack, Tags, clean_text, describe
+from .library import UPLOADS_DIR, Library, LibraryTrack, Tags, UploadRecord, clean_text, describe
+from .ratelimit import TokenBucket
 from .urls import is_valid_room_name
 
 log = logging.getLogger(__name__)
@@ -76,8 +85,11 @@ PUBLISH_ATTEMPTS = 8
 # Part files this old are left over from a crash (a live upload writes at least
 # every UPLOAD_IDLE_TIMEOUT): the next upload removes them.
 STALE_PART_SECONDS = 3600.0
-# An upload whose declared size would leave less than this free is refused (507).
-DISK_RESERVE_BYTES = 64 * MiB
+HOUR_SECONDS = 3600.0
+# While a body streams, free disk space is measured again after every this many bytes.
+FREE_SPACE_CHECK_BYTES = MiB
+# Per-address upload budgets kept at most; beyond it the fullest (least used) go.
+MAX_BUDGET_ADDRESSES = 10_000
 
 
 def max_request_bytes(upload_max_bytes: int) -> int:
@@ -213,6 +225,119 @@ def _too_large(max_bytes: int) -> UploadError:
     return UploadError(413, "too_large", f"the file is larger than {max_bytes} bytes")
 
 
+class OverBudget(UploadError):
+    def __init__(self, per_hour: int, retry_after: float) -> None:
+        super().__init__(
+            429,
+            "upload_budget",
+            f"this address may upload {per_hour // MiB} MB per hour; try again later",
+        )
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+
+def _library_full(cap: int) -> UploadError:
+    return UploadError(507, "library_full", f"the media library is full ({cap // MiB} MB)")
+
+
+def _disk_full(floor: int) -> UploadError:
+    return UploadError(
+        507, "disk_full", f"the server keeps {floor // MiB} MB of disk free; no room for this file"
+    )
+
+
+# -- limits -------------------------------------------------------------------
+
+
+class UploadBudgets:
+    """Bytes each address may still upload: a token bucket per address, refilled over the hour."""
+
+    def __init__(self, per_hour: int) -> None:
+        self.per_hour = per_hour
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _bucket(self, address: str, now: float) -> TokenBucket:
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUDGET_ADDRESSES:
+                self._evict(now)
+            bucket = TokenBucket(self.per_hour / HOUR_SECONDS, self.per_hour)
+            self._buckets[address] = bucket
+        return bucket
+
+    def _evict(self, now: float) -> None:
+        """Forget the buckets that are (nearly) full: the least used; half the table at most."""
+        for bucket in self._buckets.values():
+            bucket.try_take(now, 0.0)  # refill
+        by_fullness = sorted(self._buckets, key=lambda a: -self._buckets[a].tokens)
+        for address in by_fullness[: max(1, len(by_fullness) // 2)]:
+            del self._buckets[address]
+
+    def available(self, address: str, now: float) -> float:
+        bucket = self._bucket(address, now)
+        bucket.try_take(now, 0.0)
+        return bucket.tokens
+
+    def take(self, address: str, size: int, now: float) -> None:
+        """Spend ``size`` bytes of the address's budget, or raise OverBudget."""
+        bucket = self._bucket(address, now)
+        if not bucket.try_take(now, size):
+            raise OverBudget(self.per_hour, (size - bucket.tokens) / bucket.rate)
+
+
+@dataclass
+class UploadLimits:
+    """What keeps uploads from filling the disk; one per server (``from_settings``)."""
+
+    max_bytes: int
+    policy: str  # off | hosts | everyone
+    budgets: UploadBudgets
+    library_max_bytes: int
+    min_free_disk_bytes: int
+    in_flight: int = 0  # bytes of every upload under way, not yet listed by the library
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadLimits:
+        return cls(
+            max_bytes=settings.upload_max_bytes,
+            policy=settings.uploads,
+            budgets=UploadBudgets(settings.upload_budget_bytes_per_hour),
+            library_max_bytes=settings.library_max_bytes,
+            min_free_disk_bytes=settings.min_free_disk_bytes,
+        )
+
+
+@dataclass
+class _Quota:
+    """One upload's account against the limits, charged as its bytes arrive."""
+
+    limits: UploadLimits
+    address: str
+    media_dir: Path
+    library_bytes: int
+    free_at_start: float
+    received: int = 0
+    next_free_check: int = FREE_SPACE_CHECK_BYTES
+
+    async def charge(self, size: int) -> None:
+        limits = self.limits
+        limits.budgets.take(self.address, size, trio.current_time())
+        self.received += size
+        limits.in_flight += size
+        if self.library_bytes + limits.in_flight > limits.library_max_bytes:
+            raise _library_full(limits.library_max_bytes)
+        floor = limits.min_free_disk_bytes
+        if self.free_at_start - self.received < floor:
+            raise _disk_full(floor)
+        if floor and self.received >= self.next_free_check:
+            self.next_free_check = self.received + FREE_SPACE_CHECK_BYTES
+            if await _free_bytes(self.media_dir) < floor:
+                raise _disk_full(floor)
+
+    def release(self) -> None:
+        self.limits.in_flight -= self.received
+        self.received = 0
+
+
 # -- the upload ---------------------------------------------------------------
 
 
@@ -222,6 +347,7 @@ class _Upload:
 
     staging: Path
     max_bytes: int
+    quota: _Quota | None = None
     part: Path | None = None
     file: Any = None  # trio's async file wrapper
     filename: str | None = None
@@ -242,6 +368,8 @@ class _Upload:
         self.size += len(data)
         if self.size > self.max_bytes:
             raise _too_large(self.max_bytes)
+        if self.quota is not None:  # before a byte of it is written
+            await self.quota.charge(len(data))
         if self.head is not None:  # still sniffing
             self.head += data
             if len(self.head) < magic.SNIFF_BYTES and more:
@@ -372,7 +500,9 @@ async def _drain(request: Request, remaining_hint: int | None) -> None:
                 return
 
 
-def _authorize(request: Request, hub: Hub) -> str:
+def _authorize(request: Request, hub: Hub, policy: str) -> str:
+    if policy == "off":
+        raise UploadError(403, "uploads_off", "uploads are turned off on this server")
     room = request.args.get("room", "")
     if not is_valid_room_name(room):
         raise UploadError(400, "bad_room", "give the room as ?room=<name>")
@@ -380,27 +510,62 @@ def _authorize(request: Request, hub: Hub) -> str:
     participant = hub.participant_for_token(room, token) if token else None
     if participant is None:
         raise UploadError(401, "unauthorized", f"send your participant token in {TOKEN_HEADER}")
-    if not hub.may_upload(room, participant):
+    # "everyone": any participant seated in the room (participant_for_token finds no other)
+    if policy != "everyone" and not hub.may_upload(room, participant):
         raise UploadError(403, "forbidden", "only the host may upload in this room")
     return room
 
 
+async def _open_quota(
+    request: Request, limits: UploadLimits, library: Library, length: int | None
+) -> _Quota:
+    """The up-front checks (nothing of the body read yet), and the upload's account."""
+    address = request.remote_addr or "unknown"
+    now = trio.current_time()
+    budgets = limits.budgets
+    if length is not None and length > budgets.per_hour:
+        raise OverBudget(budgets.per_hour, HOUR_SECONDS)
+    available = budgets.available(address, now)
+    wanted = length if length is not None else 1
+    if available < wanted:
+        raise OverBudget(budgets.per_hour, (wanted - available) * HOUR_SECONDS / budgets.per_hour)
+    library_bytes = (await library.listing()).total_bytes
+    if library_bytes + limits.in_flight + (length or 0) > limits.library_max_bytes:
+        raise _library_full(limits.library_max_bytes)
+    free = await _free_bytes(library.root)
+    floor = limits.min_free_disk_bytes
+    if free < floor or free - (length or 0) < floor:
+        raise _disk_full(floor)
+    return _Quota(limits, address, library.root, library_bytes, free)
+
+
 async def store_upload(
-    request: Request, hub: Hub, library: Library, max_bytes: int
+    request: Request, hub: Hub, library: Library, limits: UploadLimits
 ) -> LibraryTrack:
     """Authorize, receive, check and publish one upload; raises UploadError."""
-    room = _authorize(request, hub)
+    max_bytes = limits.max_bytes
+    room = _authorize(request, hub, limits.policy)
     length = request.content_length
     if length is not None and length > max_request_bytes(max_bytes):
         raise _too_large(max_bytes)
     boundary = request.mimetype_params.get("boundary", "")
     if request.mimetype != "multipart/form-data" or not boundary:
         raise UploadError(400, "bad_request", "send multipart/form-data with a 'file' field")
+    quota = await _open_quota(request, limits, library, length)
+    try:
+        return await _receive_and_publish(request, library, boundary, room, quota)
+    finally:
+        # Published and listed by the library (refreshed) by now, or gone.
+        quota.release()
+
+
+async def _receive_and_publish(
+    request: Request, library: Library, boundary: str, room: str, quota: _Quota
+) -> LibraryTrack:
+    max_bytes = quota.limits.max_bytes
     media_dir = library.root
-    if length is not None and length + DISK_RESERVE_BYTES > await _free_bytes(media_dir):
-        raise UploadError(507, "storage_error", "not enough free space for this file")
     staging = media_dir / UPLOADS_DIR
-    upload = _Upload(staging, max_bytes)
+    upload = _Upload(staging, max_bytes, quota)
     try:
         await trio.Path(staging).mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(sweep_stale_parts, staging)
@@ -440,19 +605,27 @@ async def store_upload(
             await trio.to_thread.run_sync(library.remember_title, name, title)
         except OSError as exc:  # the file is in; only its fallback title is lost
             log.warning("could not record the title of %s: %s", name, exc)
+    record = UploadRecord(name, upload.size, time.time(), room, quota.address)
+    try:
+        await trio.to_thread.run_sync(library.remember_upload, record)
+    except OSError as exc:  # the file is in; only the admin API will not list it
+        log.warning("could not record the upload %s: %s", name, exc)
     await library.refresh()  # so that the new track's id can be queued at once
     log.info("upload to room %s stored as %s (%d bytes)", room, name, upload.size)
     return describe(name, upload.size, Tags.from_tinytag(tag), title)
 
 
 async def handle_upload(
-    request: Request, hub: Hub, library: Library, max_bytes: int
+    request: Request, hub: Hub, library: Library, limits: UploadLimits
 ) -> tuple[dict[str, Any], int]:
     """The whole endpoint: a JSON body and a status."""
     try:
-        track = await store_upload(request, hub, library, max_bytes)
+        track = await store_upload(request, hub, library, limits)
     except UploadError as exc:
         if exc.status != 408:  # a stalled client would stall the drain too
             await _drain(request, request.content_length)
-        return {"error": exc.code, "message": exc.message}, exc.status
+        body: dict[str, Any] = {"error": exc.code, "message": exc.message}
+        if isinstance(exc, OverBudget):
+            body["retry_after"] = exc.retry_after
+        return body, exc.status
     return {"track": track.to_json()}, 201

@@ -192,3 +192,138 @@ async def test_admin_api(tmp_path: Path) -> None:
                     await host.conn.get_message()
             assert info.value.reason.code == 4410
         assert "party" not in server.hub.rooms
+
+
+# -- issue 10: the Host header (DNS rebinding) ---------------------------------------
+
+NAMES = frozenset({"localhost", "127.0.0.1", "::1", "music.example.org", "box.local"})
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:8000",
+        "LOCALHOST:8000",
+        "localhost.:8000",  # one trailing dot
+        "Music.Example.Org",
+        "music.example.org.",
+        "music.example.org:443",
+        "box.local:8000",
+        "[::1]:8000",
+        "[::1]",
+        "[0:0:0:0:0:0:0:1]:8000",  # the same address, written out
+        "127.0.0.1:8000",
+        "192.168.1.20:8000",  # any IP literal: rebinding needs a name
+        "[fe80::1]:8000",
+        "localhost:",  # an empty port is allowed by RFC 3986
+        None,  # no Host header: no browser sent it
+    ],
+)
+def test_host_allowed(host: str | None) -> None:
+    from musicsync.access import host_allowed
+
+    assert host_allowed(host, NAMES)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:8000",
+        "localhost.evil.example",
+        "music.example.org.evil.example",
+        "127.0.0.1.nip.io",
+        "music.example.org..",
+        "",
+        "   ",
+        ":8000",
+        "[::1",  # unclosed bracket
+        "[::1]x",
+        "[::1]:80a",
+        "::1",  # IPv6 without brackets
+        "localhost:8000:9000",
+        "localhost:80a",
+        "[localhost]:80",
+        "local host",
+        "music.example.org/x",
+        "user@localhost",
+        "localhost\x00",
+        "xn--bcher-kva.example",
+    ],
+)
+def test_host_refused(host: str) -> None:
+    from musicsync.access import host_allowed
+
+    assert not host_allowed(host, NAMES)
+
+
+def test_allowed_host_names_collects_every_source() -> None:
+    from musicsync.access import allowed_host_names
+
+    names = allowed_host_names(
+        bind_host="192.168.1.5",
+        public_url="https://Music.Example.org./r/x",
+        allowed_origins=("http://other.example:8080", "*", "not a url"),
+        allowed_hosts=("extra.example.",),
+        machine=("10.0.0.7", "fe80:0::1", "box", "box.local"),
+    )
+    assert names == {
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "192.168.1.5",
+        "music.example.org",
+        "other.example",
+        "extra.example",
+        "10.0.0.7",
+        "fe80::1",
+        "box",
+        "box.local",
+    }
+    wildcard = allowed_host_names(
+        bind_host="0.0.0.0", public_url=None, allowed_origins=(), allowed_hosts=(), machine=()
+    )
+    assert wildcard == {"localhost", "127.0.0.1", "::1"}
+
+
+def test_the_running_server_knows_its_own_names(tmp_path: Path) -> None:
+    import socket
+
+    from musicsync.lan import allowed_hosts_for
+
+    names = allowed_hosts_for("0.0.0.0", "https://music.example", (), ("extra.example",))
+    hostname = socket.gethostname().lower()
+    assert {"localhost", "127.0.0.1", "::1", "music.example", "extra.example"} <= names
+    assert hostname in names and hostname.split(".")[0] + ".local" in names
+    assert "0.0.0.0" not in names
+
+
+async def test_a_foreign_host_gets_421_and_the_websocket_403_or_421(
+    server: Server,
+) -> None:
+    names = server.app.extensions["musicsync_allowed_hosts"]
+    assert isinstance(names, frozenset) and "localhost" in names
+    page = await http_get(server.http + "/", Host="rebound.evil.example")
+    assert page.status_code == 421
+    assert page.json()["error"] == "misdirected"
+    assert "Content-Security-Policy" not in page.headers  # not the page
+    for path in ("/media/x.mp3", "/api/library", "/healthz", "/api/upload"):
+        assert (await http_get(server.http + path, Host="evil.example:80")).status_code == 421
+    assert (await http_get(server.http + "/", Host="localhost:1234")).status_code == 200
+    host, port = server.http.removeprefix("http://").rsplit(":", 1)
+    ws = WSConnection(ConnectionType.CLIENT)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(ws.send(Request(host="evil.example", target="/ws/main?name=x")))
+        with trio.fail_after(5):
+            answer = await stream.receive_some()
+    assert answer.split(b" ", 2)[1] in (b"403", b"421"), answer[:40]
+
+
+async def test_allowed_host_setting(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, allowed_hosts=("music.lan",))
+    async with open_server(settings) as srv:
+        assert (await http_get(srv.http + "/", Host="music.lan:8000")).status_code == 200
+        assert (await http_get(srv.http + "/", Host="MUSIC.LAN.")).status_code == 200
+        assert (await http_get(srv.http + "/", Host="other.lan")).status_code == 421

@@ -321,7 +321,7 @@ async def test_huge_declared_length_is_refused_before_the_body(server: Server) -
         stream = await trio.open_tcp_stream("127.0.0.1", int(server.http.rsplit(":", 1)[1]))
         async with stream:
             request = (
-                f"POST /api/upload?room=main HTTP/1.1\r\nHost: x\r\n"
+                f"POST /api/upload?room=main HTTP/1.1\r\nHost: localhost\r\n"
                 f"{TOKEN_HEADER}: {token_of(host)}\r\n"
                 f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
                 f"Content-Length: {10 * UPLOAD_MAX_BYTES}\r\n\r\n"
@@ -374,7 +374,7 @@ async def test_client_that_goes_away_mid_upload_leaves_no_file(server: Server) -
     async with host_of(server) as host:
         stream = await trio.open_tcp_stream("127.0.0.1", int(server.http.rsplit(":", 1)[1]))
         request = (
-            f"POST /api/upload?room=main HTTP/1.1\r\nHost: x\r\n"
+            f"POST /api/upload?room=main HTTP/1.1\r\nHost: localhost\r\n"
             f"{TOKEN_HEADER}: {token_of(host)}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
@@ -395,7 +395,7 @@ async def test_stalled_upload_times_out_and_leaves_no_file(
         stream = await trio.open_tcp_stream("127.0.0.1", int(server.http.rsplit(":", 1)[1]))
         async with stream:
             request = (
-                f"POST /api/upload?room=main HTTP/1.1\r\nHost: x\r\n"
+                f"POST /api/upload?room=main HTTP/1.1\r\nHost: localhost\r\n"
                 f"{TOKEN_HEADER}: {token_of(host)}\r\n"
                 f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n"
@@ -433,7 +433,7 @@ async def test_refused_upload_that_keeps_sending_is_answered_and_closed(
     async with host_of(server) as host:
         stream = await trio.open_tcp_stream("127.0.0.1", int(server.http.rsplit(":", 1)[1]))
         head = (
-            f"POST /api/upload?room=main HTTP/1.1\r\nHost: x\r\n"
+            f"POST /api/upload?room=main HTTP/1.1\r\nHost: localhost\r\n"
             f"{TOKEN_HEADER}: {token_of(host)}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
             f"Content-Length: {size}\r\n\r\n--{BOUNDARY}\r\n"
@@ -659,20 +659,20 @@ async def test_uploaded_and_listed_tracks_can_be_queued_by_id(server: Server) ->
         assert state["track"] == {"url": track["url"], "title": "Queue Me", "duration": 3.0}
 
 
-async def test_upload_larger_than_the_free_space_is_507_up_front(
-    server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = uploads.shutil.disk_usage
-
-    def nearly_full(path: Any) -> Any:
-        return real(path)._replace(free=uploads.DISK_RESERVE_BYTES + 1000)
-
-    monkeypatch.setattr(uploads.shutil, "disk_usage", nearly_full)
-    async with host_of(server) as host:
-        assert_error(await post(server, token_of(host), data=audio.wav(1.0)), 507, "storage_error")
-        monkeypatch.setattr(uploads.shutil, "disk_usage", real)
-        assert (await post(server, token_of(host), data=audio.wav(1.0))).status_code == 201
-    assert staged(server) == []
+async def test_upload_larger_than_the_free_space_is_507_up_front(tmp_path: Path) -> None:
+    """The free-disk floor (--min-free-disk-mb): a file that would take the disk below it
+    is refused before a byte of it is written."""
+    data = audio.wav(1.0)
+    settings = make_settings(tmp_path, min_free_disk_bytes=free_bytes(tmp_path) + GiB)
+    async with open_server(settings) as server, host_of(server) as host:
+        assert_error(await post(server, token_of(host), data=data), 507, "disk_full")
+        assert not (server.settings.media_dir / UPLOADS_DIR).exists()  # not even a part file
+    later = tmp_path / "later"  # a fresh data directory: a fresh room, its host
+    later.mkdir()
+    settings = make_settings(later, min_free_disk_bytes=free_bytes(tmp_path) - 512 * MiB)
+    async with open_server(settings) as server, host_of(server) as host:
+        assert (await post(server, token_of(host), data=data)).status_code == 201
+        assert staged(server) == []
 
 
 async def test_every_client_hears_of_a_new_upload(server: Server) -> None:
@@ -686,3 +686,162 @@ async def test_every_client_hears_of_a_new_upload(server: Server) -> None:
         for peer in (host, listener, other_room):
             note = await peer.expect("library")
             assert note["track"]["url"] == response.json()["track"]["url"]
+
+
+# -- issue 10: who may upload, and the limits that keep the disk ------------------
+
+GiB = 1024 * MiB
+ADMIN = "admin-token-for-upload-tests"
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+async def test_a_stream_cannot_push_the_disk_under_the_floor(tmp_path: Path) -> None:
+    """No Content-Length (chunked): refused 507 once the written bytes would cross the floor."""
+    data = audio.wav(250.0)  # 4 MB: 16 000 bytes a second
+    settings = make_settings(tmp_path, min_free_disk_bytes=free_bytes(tmp_path) - 2 * MiB)
+    async with open_server(settings) as server, host_of(server) as host:
+        body = multipart("big.wav", data)
+        response = await post(
+            server, token_of(host), content=chunks(body, 256 * 1024), headers=MULTIPART_HEADERS
+        )
+        assert_error(response, 507, "disk_full")
+        await eventually(lambda: staged(server) == [])
+        assert media_files(server) == []
+
+
+async def test_uploads_off_refuses_everyone(tmp_path: Path) -> None:
+    async with open_server(make_settings(tmp_path, uploads="off")) as server:
+        async with host_of(server) as host:
+            assert_error(await post(server, token_of(host), data=audio.wav()), 403, "uploads_off")
+            assert_error(await post(server, None, data=audio.wav()), 403, "uploads_off")
+        assert (await library(server))["uploads"] == "off"
+    assert media_files(server) == []
+
+
+async def test_uploads_everyone_lets_any_seated_listener_upload(tmp_path: Path) -> None:
+    async with (
+        open_server(make_settings(tmp_path, uploads="everyone")) as server,
+        host_of(server),
+        connect(server, name="L") as listener,
+    ):
+        assert listener.welcome["you"]["role"] == "listener"
+        response = await post(server, token_of(listener), data=audio.wav())
+        assert response.status_code == 201, response.text
+        assert_error(await post(server, "not-a-seat", data=audio.wav()), 401, "unauthorized")
+
+
+async def test_uploads_hosts_is_the_default_rule(server: Server) -> None:
+    assert server.settings.uploads == "hosts"
+    async with host_of(server), connect(server, name="L") as listener:
+        assert_error(await post(server, token_of(listener), data=audio.wav()), 403, "forbidden")
+
+
+async def test_the_hourly_budget_per_address_is_429_before_the_body(tmp_path: Path) -> None:
+    data = audio.wav(30.0)  # 480 KB
+    settings = make_settings(tmp_path, upload_budget_bytes_per_hour=MiB)
+    async with open_server(settings) as server, host_of(server) as host:
+        token = token_of(host)
+        assert (await post(server, token, data=data)).status_code == 201
+        assert (await post(server, token, data=data)).status_code == 201
+        refused = await post(server, token, data=data)  # 3 x 480 KB > 1 MiB
+        assert_error(refused, 429, "upload_budget")
+        assert refused.json()["retry_after"] >= 1
+        assert int(refused.headers["Retry-After"]) == refused.json()["retry_after"]
+        # a declared length over the whole budget: refused up front, nothing read or staged
+        stream = await trio.open_tcp_stream("127.0.0.1", int(server.http.rsplit(":", 1)[1]))
+        async with stream:
+            await stream.send_all(
+                (
+                    f"POST /api/upload?room=main HTTP/1.1\r\nHost: localhost\r\n"
+                    f"{TOKEN_HEADER}: {token}\r\nContent-Length: {2 * MiB}\r\n"
+                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n"
+                ).encode()
+            )
+            with trio.fail_after(10):
+                answer = await stream.receive_some()
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:60]
+        assert staged(server) == []
+        assert len(media_files(server)) == 2
+
+
+async def test_the_library_cap_is_507_library_full(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "existing.wav").write_bytes(audio.wav(10.0))  # 160 KB of the operator's
+    settings = make_settings(tmp_path, library_max_bytes=MiB)
+    async with open_server(settings) as server, host_of(server) as host:
+        token = token_of(host)
+        assert (await post(server, token, data=audio.wav(0.5))).status_code == 201
+        assert_error(await post(server, token, data=audio.wav(60.0)), 507, "library_full")
+        # chunked: no length to refuse up front; refused as the bytes pass the cap
+        body = multipart("chunked.wav", audio.wav(60.0))
+        response = await post(server, token, content=chunks(body), headers=MULTIPART_HEADERS)
+        assert_error(response, 507, "library_full")
+        await eventually(lambda: staged(server) == [])
+        assert len(media_files(server)) == 2
+
+
+async def admin(method: str, url: str) -> httpx.Response:
+    def go() -> httpx.Response:
+        return httpx.request(method, url, headers={"Authorization": f"Bearer {ADMIN}"})
+
+    return await trio.to_thread.run_sync(go)
+
+
+async def test_the_admin_api_lists_and_deletes_uploads(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "operator-file-0123abcd.wav").write_bytes(audio.wav(0.5))  # looks like an upload
+    settings = make_settings(tmp_path, admin_token=ADMIN)
+    async with (
+        open_server(settings) as server,
+        host_of(server) as host,
+        connect(server, "elsewhere", name="O") as other,
+    ):
+        first = (await post(server, token_of(host), filename="One.wav", data=audio.wav())).json()
+        second = (await post(server, token_of(host), filename="Two.wav", data=audio.wav())).json()
+        listed = (await admin("GET", server.http + "/api/admin/uploads")).json()["uploads"]
+        assert [u["id"] for u in listed] == [first["track"]["id"], second["track"]["id"]]
+        entry = listed[0]
+        assert entry["url"] == first["track"]["url"] and entry["title"] == "One"
+        assert entry["room"] == "main" and entry["address"] == "127.0.0.1"
+        assert entry["size"] == first["track"]["size"] and entry["uploaded_at"] > 0
+        # refusals: no admin token; a path; the operator's own file; an unknown id
+        no_auth = await trio.to_thread.run_sync(
+            lambda: httpx.delete(server.http + "/api/admin/uploads/" + entry["name"])
+        )
+        assert no_auth.status_code == 401
+        for target in (
+            "operator-file-0123abcd.wav",
+            "../data/musicsync.lock",
+            "%2e%2e%2fdata%2fmusicsync.lock",
+            ".uploads/uploads.json",
+            "0123456789abcdef",
+        ):
+            r = await admin("DELETE", server.http + "/api/admin/uploads/" + target)
+            assert r.status_code in (404, 308), (target, r.status_code)
+        assert (media / "operator-file-0123abcd.wav").exists()
+        assert (tmp_path / "data" / "musicsync.lock").exists()
+        # by track id, then by file name
+        gone = await admin("DELETE", server.http + "/api/admin/uploads/" + entry["id"])
+        assert gone.status_code == 200, gone.text
+        assert gone.json()["deleted"]["name"] == entry["name"]
+        assert not (media / entry["name"]).exists()
+        for peer in (host, other):  # announced like an upload
+            note = await peer.expect("library")
+            while note.get("removed") is None:
+                note = await peer.expect("library")
+            assert note["removed"]["id"] == entry["id"]
+        ids = [t["id"] for t in (await library(server))["tracks"]]
+        assert entry["id"] not in ids and second["track"]["id"] in ids
+        name = second["track"]["url"].removeprefix("/media/")
+        by_name = await admin("DELETE", server.http + "/api/admin/uploads/" + name)
+        assert by_name.status_code == 200
+        assert (await admin("GET", server.http + "/api/admin/uploads")).json() == {"uploads": []}
+        again = await admin("DELETE", server.http + "/api/admin/uploads/" + name)
+        assert again.status_code == 404 and again.json()["error"] == "no_such_upload"
+        assert media_files(server) == ["operator-file-0123abcd.wav"]
