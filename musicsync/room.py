@@ -230,6 +230,9 @@ class Room:
         self.timeline = Timeline()
         self.volume = DEFAULT_VOLUME
         self.version = 0
+        # Grows with every change that snapshot() covers (state, seats, bans,
+        # invites, password), broadcast or not: the edge persists when it moved.
+        self.revision = 0
         self.settings = RoomSettings()
         self.participants: dict[str, Participant] = {}
         self.resume_grace_ms = resume_grace_ms
@@ -502,11 +505,13 @@ class Room:
         effects = self._maybe_advance(now)
         for token, reservation in list(self._reserved.items()):
             if now >= reservation.until:
+                self.revision += 1
                 del self._reserved[token]
                 if reservation.participant.role == HOST:
                     self._elect(now)
         for token, until in list(self._banned.items()):
             if now >= until:
+                self.revision += 1
                 del self._banned[token]
         delta = self._presence
         if delta.due_at is None or now < delta.due_at:
@@ -534,12 +539,14 @@ class Room:
             self._presence.due_at = now + self.presence_window_ms()
 
     def _note_joined(self, p: Participant, now: float) -> None:
+        self.revision += 1
         self._presence.joined[p.id] = p
         self._schedule_presence(now)
 
     def _note_left(self, pid: str, now: float) -> None:
         # Even a join from this same window is reported as left: whoever got a
         # welcome in between already knows the participant.
+        self.revision += 1
         self._presence.joined.pop(pid, None)
         if pid not in self._presence.left:
             self._presence.left.append(pid)
@@ -547,6 +554,7 @@ class Room:
         self._schedule_presence(now)
 
     def _set_role(self, p: Participant, role: str, now: float) -> None:
+        self.revision += 1
         p.role = role
         if p.id not in self._presence.joined:
             self._presence.changed[p.id] = role
@@ -638,6 +646,7 @@ class Room:
         if target is None or target is sender:
             return [Error(pid, "no_such_participant", "no other participant with that id")]
         if target.token_hash is not None:
+            self.revision += 1
             self._banned[target.token_hash] = now + KICK_BAN_MS
         self.leave(target_id, now, hold=False)
         return [Reply(target_id, "kicked", {})]
@@ -654,6 +663,7 @@ class Room:
         if timeline is not None:
             self.timeline = timeline
         self.version += 1
+        self.revision += 1
         return [BroadcastState(self.state())]
 
     def _set_track(self, sender: Participant, msg: SetTrack, now: float) -> list[Effect]:
@@ -785,11 +795,13 @@ class Room:
     def _create_invite(self, sender: Participant, msg: CreateInvite, now: float) -> list[Effect]:
         for code, invite in list(self.invites.items()):
             if now >= invite.expires_at:
+                self.revision += 1
                 del self.invites[code]
         if len(self.invites) >= MAX_INVITES:
             return [Error(sender.id, "too_many_invites", f"at most {MAX_INVITES} live invites")]
         invite = Invite(self._new_code(), msg.role, now + msg.expires_in * MS_PER_SECOND)
         self.invites[invite.code] = invite
+        self.revision += 1
         payload = {
             "code": invite.code,
             "role": invite.role,
@@ -801,6 +813,7 @@ class Room:
     def _revoke_invite(self, sender: Participant, code: str) -> list[Effect]:
         if self.invites.pop(code, None) is None:
             return [Error(sender.id, "no_such_invite", "no live invite with that code")]
+        self.revision += 1
         return [Reply(sender.id, "invite_revoked", {"code": code})]
 
     def _update_settings(self, msg: RoomSettingsUpdate) -> list[Effect]:
