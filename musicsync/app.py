@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
@@ -28,9 +29,9 @@ from .clock import ServerClock
 from .config import Settings
 from .datalock import DataDirLock
 from .demo import ensure_demo_tracks
+from .frontdoor import WebSocketHandler, send_and_close
 from .hub import (
     CLOSE_BAD_ROOM,
-    CLOSE_HEARTBEAT,
     CLOSE_KICKED,
     CLOSE_POLICY,
     CLOSE_SLOW,
@@ -39,13 +40,14 @@ from .hub import (
     CLOSE_UNAUTHORIZED,
     Client,
     Hub,
+    Sink,
 )
 from .lan import allowed_hosts_for
 from .library import Library, UploadRecord, track_id
 from .logs import configure_logging
 from .media import RangeNotSatisfiable, byte_range, content_type_for, resolve_media_path
 from .ops import register_ops_routes
-from .outbox import PendingPong
+from .outbox import Frame, PendingPong
 from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
 from .ratelimit import RateLimiter, Verdict
 from .room import Track
@@ -59,6 +61,8 @@ from .uploads import (
     max_request_bytes,
 )
 from .urls import is_valid_room_name, sanitize_display_name
+from .wsconn import FastTransport, WireViolation
+from .wsframes import Upgrade, accept_response, error_response, forwarded_value
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,7 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
         store = await trio.to_thread.run_sync(RoomStore.open_or_reset, settings.data_dir)
         hub = Hub(settings, ServerClock(trio.current_time), store)
         await app.nursery.start(hub.run)
+        app.nursery.start_soon(hub.sweep_heartbeats)
         restored = await hub.restore_rooms()
         if restored:
             log.info("restored %d room(s) from %s", restored, store.path)
@@ -290,59 +295,148 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
 
     @app.websocket("/ws/<room_name>")
     async def ws(room_name: str) -> None:
-        h = hub()
-        ip = websocket.remote_addr or "unknown"
-        if not is_valid_room_name(room_name):
-            await websocket.accept()
-            await websocket.close(CLOSE_BAD_ROOM, "bad room name")
-            return
-        if not h.admits(ip):
-            await websocket.accept()
-            await websocket.close(CLOSE_TOO_MANY, "too many connections from this address")
-            return
-        # Count the connection before the first await, so a burst of handshakes
-        # cannot all pass the check above; leave() gives the slot back.
-        client = h.new_client(ip)
-        try:
-            await _admit_and_serve(h, settings, room_name, client)
-        finally:
-            h.leave(room_name, client)
+        """Hypercorn's own WebSocket path (``hypercorn -k trio musicsync.app:app``, or
+        compression asked for and allowed); ``musicsync serve`` uses the front door's."""
+        knock = Knock(
+            room=room_name,
+            ip=websocket.remote_addr or "unknown",
+            origin=websocket.headers.get("Origin"),
+            scheme=websocket.scheme,
+            host=websocket.host,
+            args=dict(websocket.args.items()),
+        )
+        await serve_websocket(hub(), settings, knock, QuartDoor())
 
     return app
 
 
-async def _admit_and_serve(hub: Hub, settings: Settings, room_name: str, client: Client) -> None:
-    """Origin, ban, password and invite checks; then seat the client and serve it."""
-    origin = websocket.headers.get("Origin")
-    if not origin_allowed(origin, websocket.scheme, websocket.host, settings.allowed_origins):
+@dataclass(frozen=True)
+class Knock:
+    """A WebSocket upgrade request as admission sees it, whichever path it came by."""
+
+    room: str
+    ip: str
+    origin: str | None
+    scheme: str  # "ws" or "wss"
+    host: str
+    args: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Accept only to say why (a typed error frame, unless ``code`` is None), then close."""
+
+    code: str | None
+    message: str
+    close_code: int
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Admitted: join with this role floor (an invite's), or None."""
+
+    role: str | None
+
+
+class Door(Protocol):
+    """How a path answers an upgrade request: refuse it over HTTP, or accept it."""
+
+    async def refuse(self, status: HTTPStatus, reason: str) -> None: ...
+    async def accept(self) -> Transport: ...
+
+
+class QuartDoor:
+    """Hypercorn's WebSocket path, through Quart's ``websocket`` context."""
+
+    async def refuse(self, status: HTTPStatus, reason: str) -> None:
+        abort(status)
+
+    async def accept(self) -> Transport:
+        await websocket.accept()
+        return QuartTransport()
+
+
+class QuartTransport:
+    """Quart's ``websocket`` as a Transport: frames go as text, Hypercorn frames them."""
+
+    sink = None
+
+    async def receive(self) -> str | bytes | None:
+        return await websocket.receive()
+
+    async def send(self, frame: Frame) -> None:
+        await websocket.send(frame.text)
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await websocket.close(code, reason)
+
+    async def wait_closed(self) -> None:
+        await trio.lowlevel.checkpoint()  # Hypercorn completes the close handshake
+
+
+async def serve_websocket(hub: Hub, settings: Settings, knock: Knock, door: Door) -> None:
+    """Limits, Origin, ban, password and invite checks; then seat the client and serve it."""
+    if not is_valid_room_name(knock.room):
+        await _refuse(await door.accept(), Refusal(None, "bad room name", CLOSE_BAD_ROOM))
+        return
+    if not hub.admits(knock.ip):
+        refusal = Refusal(None, "too many connections from this address", CLOSE_TOO_MANY)
+        await _refuse(await door.accept(), refusal)
+        return
+    # Count the connection before the first await, so a burst of handshakes
+    # cannot all pass the check above; leave() gives the slot back.
+    client = hub.new_client(knock.ip)
+    try:
+        outcome = await _admission(hub, settings, knock, client)
+        if isinstance(outcome, HTTPStatus):
+            await door.refuse(outcome, "refused")
+            return
+        ws = await door.accept()
+        if isinstance(outcome, Refusal):
+            await _refuse(ws, outcome)
+            return
+        name = sanitize_display_name(knock.args.get("name"))
+        token = knock.args.get("token") or None
+        hub.join(knock.room, client, name, resume_token=token, role=outcome.role)
+        await serve_client(hub, knock.room, client, ws)
+    finally:
+        hub.leave(knock.room, client)
+
+
+async def _admission(
+    hub: Hub, settings: Settings, knock: Knock, client: Client
+) -> HTTPStatus | Refusal | Seat:
+    if not origin_allowed(knock.origin, knock.scheme, knock.host, settings.allowed_origins):
         hub.stats.errors["bad_origin"] += 1
-        abort(403)  # before the upgrade: another site cannot drive a visitor in
-    token = websocket.args.get("token") or None
-    entry = hub.rooms.get(room_name)
+        return HTTPStatus.FORBIDDEN  # before the upgrade: another site cannot drive a visitor in
+    token = knock.args.get("token") or None
+    entry = hub.rooms.get(knock.room)
     now = hub.clock.now_ms()
     if token and entry is not None and entry.room.is_banned(token, now):
-        await _refuse(websocket, "kicked", "you were removed from this room", CLOSE_KICKED)
-        return
+        return Refusal("kicked", "you were removed from this room", CLOSE_KICKED)
     role = None
     if entry is not None:
-        admitted, role = entry.room.admission(now, token, websocket.args.get("invite"))
+        admitted, role = entry.room.admission(now, token, knock.args.get("invite"))
         if not admitted:
-            password = websocket.args.get("password")
+            password = knock.args.get("password")
             refusal = await _check_password(hub, entry.room, client.ip, password)
             if refusal is not None:
-                await _refuse(websocket, *refusal)
-                return
-    await websocket.accept()
-    name = sanitize_display_name(websocket.args.get("name"))
-    hub.join(room_name, client, name, resume_token=token, role=role)
-    await serve_client(hub, room_name, client, websocket)
+                return Refusal(*refusal)
+    refusal = hub.room_refusal(knock.room, client.ip)  # opens the room if it may
+    if refusal is not None:
+        return Refusal(*refusal)
+    return Seat(role)
 
 
-async def _refuse(ws: Any, code: str, message: str, close_code: int) -> None:
-    """Accept only to say why in a typed error frame, then close."""
-    await ws.accept()
-    await ws.send(error_frame(code, message))
-    await ws.close(close_code, code)
+async def _refuse(ws: Transport, refusal: Refusal) -> None:
+    if refusal.code is not None:
+        await ws.send(Frame(error_frame(refusal.code, refusal.message)))
+    await ws.close(refusal.close_code, refusal.code or refusal.message)
+    with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
+        await ws.wait_closed()
 
 
 async def _check_password(
@@ -466,19 +560,40 @@ def _library_lookup(library: Library) -> Callable[[str], Track | None]:
 
 
 class Transport(Protocol):
-    """What the per-client tasks need of a WebSocket (Quart's ``websocket`` fits)."""
+    """What the per-client tasks need of a WebSocket, on either path."""
 
-    async def receive(self) -> str | bytes: ...
-    async def send(self, data: str) -> None: ...
+    @property
+    def sink(self) -> Sink | None: ...
+
+    async def receive(self) -> str | bytes | None:
+        """The next message; None once the peer has closed."""
+        ...
+
+    async def send(self, frame: Frame) -> None: ...
+
+    async def flush(self) -> None:
+        """Finish what a direct write (``sink``) left half-written."""
+        ...
+
     async def close(self, code: int, reason: str = "") -> None: ...
+
+    async def wait_closed(self) -> None:
+        """After ``close``: until the peer answers it (or goes)."""
+        ...
 
 
 async def serve_client(hub: Hub, room_name: str, client: Client, ws: Transport) -> None:
-    """One nursery per client: reader, writer and heartbeat; any exit ends all three."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_run_then_cancel, nursery, _reader(hub, room_name, client, ws))
-        nursery.start_soon(_run_then_cancel, nursery, _writer(hub, client, ws))
-        nursery.start_soon(_run_then_cancel, nursery, _heartbeat(hub, client))
+    """One nursery per client: reader and writer; either's exit ends both.
+
+    Heartbeats are swept hub-wide (``Hub.sweep_heartbeats``), not by a task here.
+    """
+    client.sink = ws.sink
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_then_cancel, nursery, _reader(hub, room_name, client, ws))
+            nursery.start_soon(_run_then_cancel, nursery, _writer(hub, client, ws))
+    finally:
+        client.sink = None  # nothing writes to a socket that is about to close
 
 
 async def _run_then_cancel(nursery: trio.Nursery, coro: Any) -> None:
@@ -488,12 +603,29 @@ async def _run_then_cancel(nursery: trio.Nursery, coro: Any) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 async def _reader(hub: Hub, room_name: str, client: Client, ws: Transport) -> None:
     control = RateLimiter.for_control()
     pings = RateLimiter.for_ping()
     max_frame = hub.settings.max_frame_bytes
     while True:
-        raw = await ws.receive()
+        try:
+            raw = await ws.receive()
+        except WireViolation as violation:
+            hub.stats.errors[violation.error or "wire"] += 1
+            if violation.error is not None and client.close_code is None:
+                hub.error(client, violation.error, f"{violation.reason} (limit {max_frame} bytes)")
+                client.fail(violation.code, violation.reason)
+                continue  # the writer says why and closes; keep draining meanwhile
+            client.fail(violation.code, violation.reason)
+            if isinstance(ws, FastTransport):
+                ws.abort(violation.code, violation.reason)
+            return
+        if raw is None:
+            return
         if client.close_code is not None:
             # The writer is flushing and will send the close frame, then end the
             # nursery. Keep draining (and discarding) so the close handshake
@@ -503,7 +635,7 @@ async def _reader(hub: Hub, room_name: str, client: Client, ws: Transport) -> No
         now = trio.current_time()
         client.last_seen = now
         hub.stats.messages_in += 1
-        if isinstance(raw, str) and len(raw) > max_frame:
+        if isinstance(raw, str) and _utf8_length(raw) > max_frame:
             hub.error(client, "too_large", f"frame larger than {max_frame} bytes")
             client.fail(CLOSE_TOO_BIG, "frame too large")
             continue
@@ -515,10 +647,16 @@ async def _reader(hub: Hub, room_name: str, client: Client, ws: Transport) -> No
             hub.error(client, exc.code, exc.message)
             continue
         if isinstance(msg, Ping):
-            if pings.check(now) is Verdict.ALLOW:
+            verdict = pings.check(now)
+            if verdict is Verdict.ALLOW:
                 if msg.rtt is not None:
                     hub.note_rtt(room_name, client, msg.rtt)
-                client.deliver_pong(msg.t0, t1)
+                if client.send_now(hub.encode_pong(PendingPong(msg.t0, t1))):
+                    hub.stats.messages_out += 1
+                else:
+                    client.deliver_pong(msg.t0, t1)
+            elif verdict is Verdict.ABUSIVE:
+                _limited(hub, client, verdict)  # pings past their budget, on and on
             continue
         if _limited(hub, client, control.check(now)):
             continue
@@ -540,14 +678,21 @@ def _limited(hub: Hub, client: Client, verdict: Verdict) -> bool:
 
 
 async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
+    send_timeout = hub.settings.send_timeout
     while True:
+        with trio.move_on_after(send_timeout) as scope:
+            await ws.flush()  # a direct write's tail goes before anything queued
+        if scope.cancelled_caught:
+            client.fail(CLOSE_SLOW, "slow consumer")
+            log.info("dropping slow client %s", client.id)
+            return
         item = client.outbox.pop()
         if item is None:
             if client.close_code is not None:
                 with trio.move_on_after(CLOSE_WRITE_TIMEOUT):
                     await ws.close(client.close_code, client.close_reason)
                 # The reader keeps draining what the peer had in flight until it
-                # answers the close (then the handler is cancelled); if nobody
+                # answers the close (then the reader ends the nursery); if nobody
                 # read, frames would fill Hypercorn's app queue and its
                 # connection task would block, never closing the socket.
                 await trio.sleep(CLOSE_DRAIN_TIMEOUT)
@@ -555,7 +700,7 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
             await client.wait_for_frames()
             continue
         frame = hub.encode_pong(item) if isinstance(item, PendingPong) else item
-        with trio.move_on_after(hub.settings.send_timeout) as scope:
+        with trio.move_on_after(send_timeout) as scope:
             await ws.send(frame)
         if scope.cancelled_caught:
             client.fail(CLOSE_SLOW, "slow consumer")
@@ -566,15 +711,61 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
             hub.metrics.broadcast_latency.observe(trio.current_time() - client.state_queued_at)
 
 
-async def _heartbeat(hub: Hub, client: Client) -> None:
-    timeout = hub.settings.heartbeat_timeout
-    while True:
-        deadline = client.last_seen + timeout
-        if trio.current_time() >= deadline:
-            client.fail(CLOSE_HEARTBEAT, "heartbeat timeout")
-            # Let the writer flush and send the close frame; it ends the nursery.
-            await trio.sleep_forever()
-        await trio.sleep_until(deadline)
+def websocket_handler(app: QuartTrio) -> WebSocketHandler:
+    """The front door's WebSocket path for ``app``: our handshake, then ``serve_websocket``."""
+    settings: Settings = app.config["MUSICSYNC"]
+
+    async def handle(stream: trio.abc.Stream, upgrade: Upgrade, trailing: bytes, ip: str) -> None:
+        hub: Hub = app.extensions["musicsync_hub"]
+        hosts: frozenset[str] | None = app.extensions.get("musicsync_allowed_hosts")
+        hops = settings.proxy_hops
+        host = forwarded_value(upgrade.forwarded_host, hops) or upgrade.host
+        if hosts is not None and not host_allowed(host, hosts):
+            hub.stats.errors["bad_host"] += 1
+            await _answer_and_close(stream, HTTPStatus.MISDIRECTED_REQUEST, "unknown Host")
+            return
+        scheme = "wss" if isinstance(stream, trio.SSLStream) else "ws"
+        proto = forwarded_value(upgrade.forwarded_proto, hops)
+        if proto is not None:
+            scheme = {"https": "wss", "http": "ws"}.get(proto.lower(), proto.lower())
+        knock = Knock(
+            room=upgrade.room,
+            ip=forwarded_value(upgrade.forwarded_for, hops) or ip,
+            origin=upgrade.origin,
+            scheme=scheme,
+            host=host or "",
+            args=upgrade.args,
+        )
+        door = FrontDoor(stream, upgrade, trailing, settings.max_frame_bytes)
+        try:
+            await serve_websocket(hub, settings, knock, door)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    return handle
+
+
+async def _answer_and_close(stream: trio.abc.Stream, status: HTTPStatus, reason: str) -> None:
+    await send_and_close(stream, error_response(status, reason))
+
+
+class FrontDoor:
+    """The front door's WebSocket path: answers the upgrade itself."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, upgrade: Upgrade, trailing: bytes, max_bytes: int
+    ) -> None:
+        self.stream = stream
+        self.upgrade = upgrade
+        self.trailing = trailing
+        self.max_bytes = max_bytes
+
+    async def refuse(self, status: HTTPStatus, reason: str) -> None:
+        await _answer_and_close(self.stream, status, reason)
+
+    async def accept(self) -> Transport:
+        await self.stream.send_all(accept_response(self.upgrade.key))
+        return FastTransport(self.stream, self.trailing, self.max_bytes)
 
 
 app = create_app()

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.middleware import ProxyFixMiddleware
-from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from . import __version__
@@ -190,7 +189,8 @@ async def _serve(
     data_lock: DataDirLock,
     task_status: trio.TaskStatus[tuple[list[str], QuartTrio]],
 ) -> None:
-    from .app import create_app
+    from .app import create_app, websocket_handler
+    from .frontdoor import serve as serve_front_door
 
     app = create_app(settings, data_lock=data_lock)
     config = hypercorn_config(settings)
@@ -206,7 +206,14 @@ async def _serve(
         asgi = ProxyFixMiddleware(app, mode="legacy", trusted_hops=settings.proxy_hops)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            partial(serve, asgi, config, shutdown_trigger=wait_for_shutdown)
+            partial(
+                serve_front_door,
+                asgi,
+                config,
+                websocket_handler(app),
+                compression=settings.websocket_compression,
+                shutdown_trigger=wait_for_shutdown,
+            )
         )
         task_status.started((binds, app))
 

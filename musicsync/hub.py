@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import heapq
@@ -13,7 +12,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -21,7 +20,7 @@ from .access import hash_password
 from .clock import ServerClock
 from .config import Settings
 from .metrics import Metrics
-from .outbox import Outbox, OutboxOverflow, PendingPong
+from .outbox import Frame, Outbox, OutboxOverflow, PendingPong
 from .protocol import ClientMessage, QueueAdd, SetPassword, encode, error_frame
 from .ratelimit import TokenBucket
 from .room import (
@@ -54,6 +53,11 @@ CLOSE_REPLACED = 4409
 CLOSE_ROOM_CLOSED = 4410
 CLOSE_TOO_MANY = 4429
 
+# The hub looks for silent clients this often (at most; a quarter of the
+# heartbeat timeout when that is shorter).
+HEARTBEAT_SWEEP_PERIOD = 1.0
+HEARTBEAT_SWEEPS_PER_TIMEOUT = 4
+
 # Wrong-password guesses allowed per address: a burst, then one every 12 s.
 PASSWORD_ATTEMPT_BURST = 5.0
 PASSWORD_ATTEMPTS_PER_SECOND = 1 / 12
@@ -70,32 +74,80 @@ TIMER_MIN_REPOLL = 0.001
 TIMER_HEAP_SLACK = 64
 
 
+class Sink(Protocol):
+    """A client's socket seen from the fan-out: bytes in without waiting."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of an earlier frame is still waiting to be written."""
+        ...
+
+    def offer(self, data: bytes) -> bool:
+        """Write what the socket takes now and keep the rest for the writer.
+
+        False only when the socket took nothing (its buffer is full): the
+        caller then queues the frame instead.
+        """
+        ...
+
+
 class Client:
-    """One connected participant as the edge sees it: outbox, doorbell, fate."""
+    """One connected participant as the edge sees it: outbox, doorbell, fate.
+
+    A frame goes straight to the socket (``sink``) when nothing is waiting
+    ahead of it; only a socket whose kernel buffer is full hands frames to the
+    outbox and wakes this client's writer task.
+    """
 
     def __init__(self, ip: str, outbox_max_frames: int) -> None:
         self.id = secrets.token_urlsafe(8)
         self.token = secrets.token_urlsafe(16)  # 128 bits; never logged
         self.ip = ip
-        self.outbox = Outbox(outbox_max_frames)
-        self._bell_send, self._bell_recv = trio.open_memory_channel[None](1)
+        self.outbox: Outbox[Frame] = Outbox(outbox_max_frames)
+        self.sink: Sink | None = None
+        self._waiter: trio.lowlevel.Task | None = None
+        self._rung = False
         self.last_seen = trio.current_time()
         self.close_code: int | None = None
         self.close_reason = ""
         # The newest state frame handed to this client and when (broadcast latency).
-        self.state_frame: str | None = None
+        self.state_frame: Frame | None = None
         self.state_queued_at = 0.0
 
     def _ring(self) -> None:
-        with contextlib.suppress(trio.WouldBlock):  # the writer is already due to wake
-            self._bell_send.send_nowait(None)
+        """Wake the writer (or make its next wait return at once)."""
+        waiter = self._waiter
+        if waiter is None:
+            self._rung = True
+        else:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
 
-    def deliver(self, frame: str) -> None:
+    def send_now(self, frame: Frame) -> bool:
+        """Write ``frame`` directly if nothing is queued ahead of it; True if it went."""
+        sink = self.sink
+        if sink is None or not sink.idle or self.outbox or self.close_code is not None:
+            return False
+        if not sink.offer(frame.wire):
+            return False
+        if not sink.idle:
+            self._ring()  # the writer flushes the tail
+        return True
+
+    def deliver(self, frame: Frame) -> bool:
+        """Queue (or write at once) one frame; True if it was written directly."""
+        if self.send_now(frame):
+            return True
         self._guarded(self.outbox.push, frame)
+        return False
 
-    def deliver_state(self, frame: str) -> None:
+    def deliver_state(self, frame: Frame) -> bool:
+        """Like ``deliver``, but a queued state is replaced by a newer one."""
+        if self.send_now(frame):
+            return True
         self.state_frame, self.state_queued_at = frame, trio.current_time()
         self._guarded(self.outbox.push_state, frame)
+        return False
 
     def deliver_pong(self, t0: float, t1: float) -> None:
         try:
@@ -104,7 +156,7 @@ class Client:
             self.fail(CLOSE_SLOW, "slow consumer")
         self._ring()
 
-    def _guarded(self, push: Any, frame: str) -> None:
+    def _guarded(self, push: Callable[[Frame], None], frame: Frame) -> None:
         if self.close_code is not None:
             return
         try:
@@ -121,7 +173,18 @@ class Client:
         self._ring()
 
     async def wait_for_frames(self) -> None:
-        await self._bell_recv.receive()
+        """Until ``_ring``; at once if it rang since the last wait."""
+        if self._rung:
+            self._rung = False
+            await trio.lowlevel.checkpoint()
+            return
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 @dataclass(slots=True, eq=False)
@@ -477,14 +540,13 @@ class Hub:
 
     def announce(self, kind: str, **payload: Any) -> None:
         """One frame to every client of every room, encoded once."""
-        frame = encode(kind, **payload)
+        frame = Frame(encode(kind, **payload))
         for entry in self.rooms.values():
-            for client in entry.clients.values():
-                client.deliver(frame)
+            self._fan_out(entry, frame)
 
     def error(self, client: Client, code: str, message: str) -> None:
         self.stats.errors[code] += 1
-        client.deliver(error_frame(code, message))
+        self.stats.messages_out += client.deliver(Frame(error_frame(code, message)))
 
     # -- fan-out -------------------------------------------------------------
 
@@ -498,24 +560,55 @@ class Hub:
             elif isinstance(effect, Reply):
                 target = entry.clients.get(effect.to)
                 if target is not None:
-                    target.deliver(encode(effect.kind, **effect.payload))
+                    frame = Frame(encode(effect.kind, **effect.payload))
+                    self.stats.messages_out += target.deliver(frame)
             elif isinstance(effect, Error):
                 target = entry.clients.get(effect.to)
                 if target is not None:
                     self.error(target, effect.code, effect.message)
             elif isinstance(effect, BroadcastState):
-                frame = encode("state", room=effect.state)  # encoded once for everyone
-                for c in entry.clients.values():
-                    c.deliver_state(frame)
+                # encoded once (JSON and WebSocket frame) for everyone
+                self._fan_out(entry, Frame(encode("state", room=effect.state)), state=True)
             elif isinstance(effect, BroadcastPresence):
-                frame = encode("presence", **effect.delta)
-                for c in entry.clients.values():
-                    c.deliver(frame)
+                self._fan_out(entry, Frame(encode("presence", **effect.delta)))
         if entry.room.next_deadline() is not None:
             entry.wake()
 
-    def encode_pong(self, pong: PendingPong) -> str:
-        return encode("pong", t0=pong.t0, t1=pong.t1, t2=self.clock.now_ms())
+    def _fan_out(self, entry: RoomEntry, frame: Frame, *, state: bool = False) -> None:
+        """One frame to every client of a room, written socket by socket.
+
+        No task is woken for a client whose socket takes the frame at once;
+        only a full socket queues it (newest state wins) for its writer.
+        """
+        started = trio.current_time()
+        frame.wire  # noqa: B018 - framed once, before the loop
+        direct = 0
+        if state:
+            for client in entry.clients.values():
+                direct += client.deliver_state(frame)
+        else:
+            for client in entry.clients.values():
+                direct += client.deliver(frame)
+        self.stats.messages_out += direct
+        if state and direct:
+            self.metrics.broadcast_latency.observe(trio.current_time() - started)
+
+    def encode_pong(self, pong: PendingPong) -> Frame:
+        return Frame(encode("pong", t0=pong.t0, t1=pong.t1, t2=self.clock.now_ms()))
+
+    async def sweep_heartbeats(self) -> None:
+        """Drop clients silent for ``heartbeat_timeout``: one task for the hub,
+        not one per client; a silent client goes within a sweep period of its
+        deadline."""
+        timeout = self.settings.heartbeat_timeout
+        period = min(HEARTBEAT_SWEEP_PERIOD, timeout / HEARTBEAT_SWEEPS_PER_TIMEOUT)
+        while True:
+            await trio.sleep(period)
+            cutoff = trio.current_time() - timeout
+            for entry in self.rooms.values():
+                for client in entry.clients.values():
+                    if client.last_seen <= cutoff and client.close_code is None:
+                        client.fail(CLOSE_HEARTBEAT, "heartbeat timeout")
 
     # -- timers --------------------------------------------------------------
 

@@ -87,7 +87,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.broadcast_latency = Histogram(
             f"{NAMESPACE}_broadcast_latency_seconds",
-            "Time from a state broadcast to its frame being handed to the socket",
+            "Time from a state broadcast to its frame reaching the sockets: once per"
+            " broadcast for the frames written directly (until the last of them),"
+            " once per frame a slow socket's writer sent later",
             buckets=BROADCAST_BUCKETS,
             registry=self.registry,
         )

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from .wsframes import text_frame
+
+T = TypeVar("T")
 
 
 class OutboxOverflow(Exception):
@@ -17,10 +21,30 @@ class PendingPong:
     t1: float
 
 
+class Frame:
+    """One outgoing text message, encoded once: its JSON text and, built on
+    first use, its unmasked WebSocket frame (the same bytes for every client)."""
+
+    __slots__ = ("_wire", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = text_frame(self.text)
+        return self._wire
+
+    def __repr__(self) -> str:
+        return f"Frame({self.text[:40]!r})"
+
+
 _STATE = object()  # marks where in the order the (coalesced) state frame goes
 
 
-class Outbox:
+class Outbox(Generic[T]):
     """Frames waiting for one client's writer.
 
     * Pongs jump the queue: clock sync needs them answered at once.
@@ -34,18 +58,18 @@ class Outbox:
         self.max_frames = max_frames
         self._pongs: deque[PendingPong] = deque()
         self._frames: deque[Any] = deque()
-        self._state: str | None = None
+        self._state: T | None = None
         self.coalesced = 0
 
     def __len__(self) -> int:
         return len(self._pongs) + len(self._frames)
 
-    def push(self, frame: str) -> None:
+    def push(self, frame: T) -> None:
         if len(self._frames) >= self.max_frames:
             raise OutboxOverflow(f"{len(self._frames)} frames waiting")
         self._frames.append(frame)
 
-    def push_state(self, frame: str) -> None:
+    def push_state(self, frame: T) -> None:
         if self._state is not None:
             self._state = frame
             self.coalesced += 1
@@ -59,7 +83,7 @@ class Outbox:
             raise OutboxOverflow("too many pongs waiting")
         self._pongs.append(PendingPong(t0, t1))
 
-    def pop(self) -> str | PendingPong | None:
+    def pop(self) -> T | PendingPong | None:
         if self._pongs:
             return self._pongs.popleft()
         if not self._frames:
@@ -69,5 +93,4 @@ class Outbox:
             frame, self._state = self._state, None
             assert frame is not None
             return frame
-        assert isinstance(item, str)
-        return item
+        return item  # type: ignore[no-any-return]

@@ -11,10 +11,11 @@ from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import Request
 
-from musicsync.app import _heartbeat, _writer
+from musicsync.app import _writer
 from musicsync.clock import ServerClock
 from musicsync.config import Settings
 from musicsync.hub import CLOSE_HEARTBEAT, CLOSE_SLOW, Client, Hub
+from musicsync.outbox import Frame
 
 from .conftest import connect, make_settings, open_server
 
@@ -78,6 +79,8 @@ async def test_stalled_client_never_delays_others_and_is_dropped(tmp_path: Path)
 class BlockedTransport:
     """A socket whose peer stopped reading: every send blocks forever."""
 
+    sink = None
+
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.closed: list[int] = []
@@ -86,10 +89,13 @@ class BlockedTransport:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
-    async def send(self, data: str) -> None:
+    async def send(self, frame: Frame) -> None:
         if self.sent:
             await trio.sleep_forever()
-        self.sent.append(data)
+        self.sent.append(frame.text)
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def close(self, code: int, reason: str = "") -> None:
         self.closed.append(code)
@@ -102,8 +108,8 @@ async def test_writer_drops_a_client_stuck_past_send_timeout(
     hub = Hub(Settings(send_timeout=10.0), ServerClock(trio.current_time))
     client = Client("127.0.0.1", outbox_max_frames=8)
     transport = BlockedTransport()
-    client.deliver("first")
-    client.deliver("second")
+    client.deliver(Frame("first"))
+    client.deliver(Frame("second"))
     start = trio.current_time()
     await _writer(hub, client, transport)
     assert transport.sent == ["first"]
@@ -131,17 +137,19 @@ async def test_silent_client_is_dropped_after_heartbeat_timeout(tmp_path: Path) 
 async def test_heartbeat_deadline_follows_last_message(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """The heartbeat task itself, on trio's mock clock: no real waiting."""
+    """The hub's one heartbeat sweep, on trio's mock clock: no real waiting."""
     settings = Settings(heartbeat_timeout=30.0)
     hub = Hub(settings, ServerClock(trio.current_time))
     client = Client("127.0.0.1", outbox_max_frames=8)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_heartbeat, hub, client)
+        await nursery.start(hub.run)
+        nursery.start_soon(hub.sweep_heartbeats)
+        hub.join("main", client, "quiet")
         await trio.sleep(29.0)
         client.last_seen = trio.current_time()  # a frame arrived
         await trio.sleep(29.0)
         assert client.close_code is None
-        await trio.sleep(1.5)
+        await trio.sleep(1.0 + 1.0)  # one sweep period (1 s) past the deadline at most
         assert client.close_code == CLOSE_HEARTBEAT
         nursery.cancel_scope.cancel()
 
@@ -149,17 +157,18 @@ async def test_heartbeat_deadline_follows_last_message(
 async def test_outbox_overflow_marks_client_slow(autojump_clock: trio.testing.MockClock) -> None:
     client = Client("127.0.0.1", outbox_max_frames=3)
     for i in range(3):
-        client.deliver(f"frame {i}")
+        client.deliver(Frame(f"frame {i}"))
     assert client.close_code is None
-    client.deliver("one too many")
+    client.deliver(Frame("one too many"))
     assert client.close_code == CLOSE_SLOW
     # state frames coalesce instead of overflowing
     other = Client("127.0.0.1", outbox_max_frames=3)
     for i in range(100):
-        other.deliver_state(f"state {i}")
+        other.deliver_state(Frame(f"state {i}"))
     assert other.close_code is None
     assert len(other.outbox) == 1
-    assert other.outbox.pop() == "state 99"
+    popped = other.outbox.pop()
+    assert isinstance(popped, Frame) and popped.text == "state 99"
 
 
 async def handshake_headers(http_url: str) -> dict[bytes, bytes]:

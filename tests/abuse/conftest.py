@@ -333,6 +333,9 @@ class RawWS:
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.status: int | None = None
         self.early: list[dict[str, Any]] = []  # frames that came with the 101 response
+        # a close frame that came with them (the server may answer, refuse and
+        # close in one write)
+        self.early_close: CloseConnection | None = None
         self._text = ""
 
     @classmethod
@@ -358,7 +361,16 @@ class RawWS:
                             raw.status = event.status_code
                         elif isinstance(event, WSText):
                             raw._message(event, raw.early)
+                        elif isinstance(event, CloseConnection):
+                            raw.early_close = event
             yield raw
+
+    async def _answer_close(self, event: CloseConnection) -> None:
+        # best effort: a flood() task may be mid-send on this stream
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.BusyResourceError, LocalProtocolError
+        ):
+            await self.stream.send_all(self.ws.send(event.response()))
 
     def _message(self, event: WSText, into: list[dict[str, Any]]) -> None:
         self._text += event.data
@@ -371,6 +383,9 @@ class RawWS:
 
     async def first(self, limit: float = 5.0) -> int | None:
         """None once seated (a welcome came), else the close code of the refusal."""
+        if self.early_close is not None and not self.early:
+            await self._answer_close(self.early_close)
+            return self.early_close.code
         with trio.fail_after(limit):
             while not self.early:
                 data = await self.stream.receive_some()
@@ -418,6 +433,10 @@ class RawWS:
     async def outcome(self, limit: float = 10.0) -> Outcome:
         """Read until the server closes: its messages and its close code."""
         out = Outcome(status=self.status, messages=self.early)
+        if self.early_close is not None:
+            out.close_code = self.early_close.code
+            await self._answer_close(self.early_close)
+            return out
         with trio.fail_after(limit):
             while True:
                 try:
@@ -430,8 +449,7 @@ class RawWS:
                         self._message(event, out.messages)
                     elif isinstance(event, CloseConnection):
                         out.close_code = event.code
-                        with contextlib.suppress(trio.BrokenResourceError, LocalProtocolError):
-                            await self.stream.send_all(self.ws.send(event.response()))
+                        await self._answer_close(event)
                         return out
                 if not data:
                     return out

@@ -22,7 +22,8 @@ from .conftest import (
 )
 
 PING = b'{"type":"ping","t0":1}'
-DROPPED = 1006  # what a client reports when the TCP connection ends without a close frame
+PROTOCOL_ERROR = 1002
+INVALID_PAYLOAD = 1007  # text that is not UTF-8
 
 
 def text(obj: dict[str, object]) -> bytes:
@@ -57,20 +58,26 @@ async def test_flood_of_invalid_json(arena: Arena) -> None:
 
 
 async def test_flood_of_pings(arena: Arena) -> None:
+    """JSON pings past their budget, on and on: closed like any other flood."""
     async with arena.attack(), RawWS.open(arena.server) as raw:
-        start = trio.current_time()
-        await raw.send(b"".join(text({"type": "ping", "t0": i}) for i in range(1000)))
-        await raw.send(text({"type": "report", "drift_ms": 0, "rtt_ms": 1}))
-        await trio.sleep(0.5)
-        await raw.send(ws_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
-        out = await raw.outcome()
-        elapsed = trio.current_time() - start
+        out = await raw.flood(text({"type": "ping", "t0": 1}), batch=100)
         pongs = [m for m in out.messages if m["type"] == "pong"]
-        # 60 at once, then 30/s; the rest are dropped silently, no error, no close
-        assert 60 <= len(pongs) <= 60 + 30 * elapsed + 1, (len(pongs), elapsed)
-        assert error_codes(out.messages) == []
-        assert out.close_code == 1000  # closed only when the attacker asked
-        arena.note(f"1000 pings at once: {len(pongs)} pongs, the rest dropped silently, no close")
+        codes = error_codes(out.messages)
+        assert out.close_code == 1008
+        assert 60 <= len(pongs) < 200, len(pongs)  # the burst, then 30/s until the close
+        assert codes[-1:] == ["rate_limited"]
+        arena.note(f"100 pings every 0.5 s: {len(pongs)} pongs, then rate_limited and 1008")
+
+
+async def test_flood_of_frames_in_one_write(arena: Arena) -> None:
+    """1000 pings in one write: past the frame budget (240) at once: 1008, nothing else."""
+    async with arena.attack(), RawWS.open(arena.server) as raw:
+        await raw.send(b"".join(text({"type": "ping", "t0": i}) for i in range(1000)))
+        out = await raw.outcome()
+        pongs = [m for m in out.messages if m["type"] == "pong"]
+        assert out.close_code == 1008
+        assert len(pongs) <= 60  # the ping bucket's burst at most, before the close
+        arena.note(f"1000 pings in one write: {len(pongs)} pongs, then close 1008")
 
 
 async def test_flood_of_binary_frames(arena: Arena) -> None:
@@ -151,14 +158,10 @@ async def test_invalid_utf8_text_frames(arena: Arena) -> None:
                 for frame in frames:
                     await raw.send(frame)
                 out = await raw.outcome()
-                # wsproto finds the bad UTF-8 (its close reason would be 1007), but
-                # Hypercorn only answers a close frame when the peer started the close
-                # handshake: it drops the TCP connection without one ("fail the
-                # WebSocket connection", RFC 6455 7.1.7). A browser reports 1006.
-                assert out.close_code == DROPPED
+                # wsproto finds the bad UTF-8; the server says so (1007) and hangs up.
+                assert out.close_code == INVALID_PAYLOAD
         arena.note(
-            f"{len(INVALID_UTF8)} variants ({', '.join(INVALID_UTF8)}): TCP closed at once, "
-            "no close frame (client sees 1006)"
+            f"{len(INVALID_UTF8)} variants ({', '.join(INVALID_UTF8)}): close 1007, TCP closed"
         )
 
 
@@ -179,11 +182,8 @@ async def test_malformed_framing(arena: Arena) -> None:
             async with RawWS.open(arena.server) as raw:
                 await raw.send(frame)
                 out = await raw.outcome()
-                assert out.close_code == DROPPED  # as for invalid UTF-8: no close frame
-        arena.note(
-            f"{len(MALFORMED)} variants ({', '.join(MALFORMED)}): TCP closed at once, "
-            "no close frame (client sees 1006)"
-        )
+                assert out.close_code == PROTOCOL_ERROR, frame
+        arena.note(f"{len(MALFORMED)} variants ({', '.join(MALFORMED)}): close 1002, TCP closed")
 
 
 async def test_raw_client_is_a_real_websocket(arena: Arena) -> None:
