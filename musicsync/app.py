@@ -389,21 +389,24 @@ async def serve_websocket(hub: Hub, settings: Settings, knock: Knock, door: Door
     # Count the connection before the first await, so a burst of handshakes
     # cannot all pass the check above; leave() gives the slot back.
     client = hub.new_client(knock.ip)
+    refused: HTTPStatus | None = None
     try:
         outcome = await _admission(hub, settings, knock, client)
         if isinstance(outcome, HTTPStatus):
-            await door.refuse(outcome, "refused")
-            return
-        ws = await door.accept()
-        if isinstance(outcome, Refusal):
-            await _refuse(ws, outcome)
-            return
-        name = sanitize_display_name(knock.args.get("name"))
-        token = knock.args.get("token") or None
-        hub.join(knock.room, client, name, resume_token=token, role=outcome.role)
-        await serve_client(hub, knock.room, client, ws)
+            refused = outcome
+        else:
+            ws = await door.accept()
+            if isinstance(outcome, Refusal):
+                await _refuse(ws, outcome)
+            else:
+                name = sanitize_display_name(knock.args.get("name"))
+                token = knock.args.get("token") or None
+                hub.join(knock.room, client, name, resume_token=token, role=outcome.role)
+                await serve_client(hub, knock.room, client, ws)
     finally:
         hub.leave(knock.room, client)
+    if refused is not None:  # the slot is free already: answering may linger
+        await door.refuse(refused, refused.phrase.lower())
 
 
 async def _admission(

@@ -67,6 +67,11 @@ PRESENCE_COALESCE_MS = 50.0
 # which bounds presence traffic to ~2000 frames/s however fast people come.
 PRESENCE_MS_PER_PARTICIPANT = 0.5
 PRESENCE_MAX_COALESCE_MS = 2000.0
+# Past this many participants a room is a crowd: its welcome names the hosts,
+# co-hosts and this many listeners, and presence names only hosts and co-hosts
+# (and at most this many who left); ``count`` is always exact. Without it a
+# festival room sends O(N) names to N clients on every join (O(N^2) bytes).
+PARTICIPANT_LIST_MAX = 200
 # The state that switches to the next queued track goes out this long before
 # the current one ends, so every client has it (and the track) in time.
 ADVANCE_NOTICE_MS = 4000.0
@@ -479,11 +484,25 @@ class Room:
             "you": you,
             "room": self.state(),
             "room_name": self.name,
-            "participants": [q.to_wire() for q in self.participants.values()],
+            "participants": self._listed_participants(),
+            "participant_count": len(self.participants),
             "server_time": now,
             "lead_ms": self.lead_ms(),
         }
         return Reply(p.id, "welcome", welcome)
+
+    def _crowded(self) -> bool:
+        return len(self.participants) > PARTICIPANT_LIST_MAX
+
+    def _listed_participants(self) -> list[dict[str, Any]]:
+        """Everyone in a small room; in a crowd, hosts and co-hosts and the
+        first ``PARTICIPANT_LIST_MAX`` listeners (a welcome stays small)."""
+        if not self._crowded():
+            return [q.to_wire() for q in self.participants.values()]
+        leads = [q for q in self.participants.values() if q.role != LISTENER]
+        listeners = (q for q in self.participants.values() if q.role == LISTENER)
+        some = [q for q, _ in zip(listeners, range(PARTICIPANT_LIST_MAX), strict=False)]
+        return [q.to_wire() for q in (*leads, *some)]
 
     def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
         """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
@@ -520,9 +539,15 @@ class Room:
         if delta.empty():
             return effects
         left = set(delta.left) - set(delta.joined)  # a resumed seat is back, not gone
+        joined = list(delta.joined.values())
+        gone = [pid for pid in delta.left if pid in left]
+        if self._crowded():
+            # A crowd hears of hosts and co-hosts by name, of listeners by count.
+            joined = [p for p in joined if p.role != LISTENER]
+            gone = gone[:PARTICIPANT_LIST_MAX]
         payload = {
-            "joined": [p.to_wire() for p in delta.joined.values()],
-            "left": [pid for pid in delta.left if pid in left],
+            "joined": [p.to_wire() for p in joined],
+            "left": gone,
             "changed": [
                 {"id": pid, "role": role} for pid, role in delta.changed.items() if pid not in left
             ],

@@ -177,7 +177,9 @@ async def test_share_on_a_lan_bind_and_behind_a_proxy(tmp_path: Path) -> None:
 
 
 async def test_behind_a_trusted_proxy_forwarded_headers_count(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, proxy_hops=1, max_connections_per_ip=1)
+    settings = make_settings(
+        tmp_path, proxy_hops=1, max_connections_per_ip=1, allowed_hosts=("music.example",)
+    )
     async with open_server(settings) as srv:
         forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "music.example"}
         body = await trio.to_thread.run_sync(

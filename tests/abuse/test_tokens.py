@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from musicsync import protocol
+from musicsync.access import hash_token
 
 from ..conftest import connect
 from .conftest import Arena, RawWS, close_code_of
@@ -74,10 +75,10 @@ async def test_replayed_token_after_its_seat_expired(arena: Arena) -> None:
             victim_id = victim.id
         room = arena.server.hub.rooms["main"].room
         # the seat is held for the resume grace; end it now, as 30 s would
-        room._reserved[token].until = 0
+        room._reserved[hash_token(token)].until = 0
         arena.server.hub.rooms["main"].wake()
         with trio.fail_after(2):
-            while token in room._reserved:  # noqa: ASYNC110 - the room timer's work
+            while hash_token(token) in room._reserved:  # noqa: ASYNC110 - the room timer's work
                 await trio.sleep(0.01)
         async with connect(arena.server, name="replayer", token=token) as replayer:
             assert replayer.id != victim_id
