@@ -241,8 +241,17 @@ class Room:
         self.settings = RoomSettings()
         self.participants: dict[str, Participant] = {}
         self.resume_grace_ms = resume_grace_ms
-        self._reserved: dict[str, _Reservation] = {}  # by token hash
+        # Held seats by token hash, in the order they fall due (a leave adds one
+        # at now + grace, so insertion order is deadline order); bans likewise.
+        self._reserved: dict[str, _Reservation] = {}
         self._banned: dict[str, float] = {}  # token hash -> until
+        # Indexes that keep a crowd's joins O(1): seated participants by token
+        # hash, hosts and co-hosts, held seats of hosts and co-hosts, and who
+        # has the worst round trip (the scheduling lead follows it).
+        self._by_hash: dict[str, Participant] = {}
+        self._leads: dict[str, Participant] = {}
+        self._reserved_leads: dict[str, _Reservation] = {}
+        self._worst_rtt: tuple[float, str] | None = None
         self._seq = 0
         self._presence = _PresenceDelta()
 
@@ -250,23 +259,20 @@ class Room:
 
     @property
     def host_id(self) -> str | None:
-        for p in self.participants.values():
+        for p in self._leads.values():
             if p.role == HOST:
                 return p.id
         return None
 
     @property
     def host_reserved(self) -> bool:
-        return any(r.participant.role == HOST for r in self._reserved.values())
+        return any(r.participant.role == HOST for r in self._reserved_leads.values())
 
     def participant_for_token(self, token: str) -> Participant | None:
         return self._participant_for_hash(hash_token(token))
 
     def _participant_for_hash(self, token_hash: str) -> Participant | None:
-        for p in self.participants.values():
-            if p.token_hash is not None and p.token_hash == token_hash:
-                return p
-        return None
+        return self._by_hash.get(token_hash)
 
     def holds_seat(self, token: str) -> bool:
         """True for the token of someone seated now or within their resume grace."""
@@ -300,8 +306,7 @@ class Room:
         return until is not None and now < until
 
     def lead_ms(self) -> float:
-        rtts = [p.rtt_ms for p in self.participants.values() if p.rtt_ms is not None]
-        worst = max(rtts, default=0.0)
+        worst = self._worst_rtt[0] if self._worst_rtt is not None else 0.0
         return min(MAX_LEAD_MS, max(MIN_LEAD_MS, worst * LEAD_RTT_FACTOR + LEAD_MARGIN_MS))
 
     def position_at(self, t_ms: float) -> float:
@@ -348,7 +353,7 @@ class Room:
 
     def next_deadline(self) -> float | None:
         """Server time at which ``poll`` has work to do, or None."""
-        times = [r.until for r in self._reserved.values()]
+        times = [next(iter(self._reserved.values())).until] if self._reserved else []
         if self._presence.due_at is not None:
             times.append(self._presence.due_at)
         advance = self._advance_due_at()
@@ -426,6 +431,7 @@ class Room:
         # "token" in seats): hash them now, so that they too resume and stay banned.
         room._banned = {hash_token(str(k)): float(v) for k, v in snap.get("banned", {}).items()}
         room._banned.update((str(k), float(v)) for k, v in snap.get("banned_hashes", {}).items())
+        room._banned = dict(sorted(room._banned.items(), key=lambda item: item[1]))  # due order
         grace = max(resume_grace_ms, 0.0)
         for seat in snap.get("seats", []):
             token_hash = seat.get("token_hash")
@@ -436,7 +442,7 @@ class Room:
             p = Participant(
                 seat["id"], seat["name"], seat["role"], seat["seq"], token_hash=str(token_hash)
             )
-            room._reserved[str(token_hash)] = _Reservation(p, now + grace)
+            room._hold(str(token_hash), _Reservation(p, now + grace))
         return room
 
     # -- membership ----------------------------------------------------------
@@ -454,7 +460,7 @@ class Room:
             role = LISTENER
         token_hash = hash_token(token) if token is not None else None
         p = Participant(pid, name, role, self._seq, token_hash=token_hash)
-        self.participants[pid] = p
+        self._seat(p)
         self._note_joined(p, now)
         return [self._welcome(p, now, token)]
 
@@ -466,13 +472,13 @@ class Room:
         connected (a second tab, or a reconnect the server has not noticed the
         drop of yet) must be released with ``leave`` by the caller first.
         """
-        reservation = self._reserved.pop(hash_token(token), None)
-        if reservation is None or self.is_banned(token, now):
+        token_hash = hash_token(token)
+        if token_hash not in self._reserved or self.is_banned(token, now):
             return None
-        p = reservation.participant  # keeps its seniority (seq) across the blip
+        p = self._release(token_hash).participant  # keeps its seniority (seq)
         if p.role == HOST and self.host_id is not None:
             p.role = LISTENER  # someone claimed it meanwhile
-        self.participants[p.id] = p
+        self._seat(p)
         self._note_joined(p, now)
         return [self._welcome(p, now, token)]
 
@@ -499,17 +505,50 @@ class Room:
         first ``PARTICIPANT_LIST_MAX`` listeners (a welcome stays small)."""
         if not self._crowded():
             return [q.to_wire() for q in self.participants.values()]
-        leads = [q for q in self.participants.values() if q.role != LISTENER]
         listeners = (q for q in self.participants.values() if q.role == LISTENER)
         some = [q for q, _ in zip(listeners, range(PARTICIPANT_LIST_MAX), strict=False)]
-        return [q.to_wire() for q in (*leads, *some)]
+        return [q.to_wire() for q in (*self._leads.values(), *some)]
+
+    # -- the indexes ----------------------------------------------------------
+
+    def _seat(self, p: Participant) -> None:
+        self.participants[p.id] = p
+        if p.token_hash is not None:
+            self._by_hash[p.token_hash] = p
+        if p.role != LISTENER:
+            self._leads[p.id] = p
+        if p.rtt_ms is not None:
+            self.note_rtt(p.id, p.rtt_ms)
+
+    def _unseat(self, pid: str) -> Participant:
+        p = self.participants.pop(pid)
+        if p.token_hash is not None:
+            self._by_hash.pop(p.token_hash, None)
+        self._leads.pop(pid, None)
+        if self._worst_rtt is not None and self._worst_rtt[1] == pid:
+            self._find_worst_rtt()
+        return p
+
+    def _hold(self, token_hash: str, reservation: _Reservation) -> None:
+        self._reserved.pop(token_hash, None)  # a re-hold moves to the end (its new deadline)
+        self._reserved[token_hash] = reservation
+        if reservation.participant.role != LISTENER:
+            self._reserved_leads[token_hash] = reservation
+
+    def _release(self, token_hash: str) -> _Reservation:
+        self._reserved_leads.pop(token_hash, None)
+        return self._reserved.pop(token_hash)
+
+    def _find_worst_rtt(self) -> None:
+        rtts = ((p.rtt_ms, p.id) for p in self.participants.values() if p.rtt_ms is not None)
+        self._worst_rtt = max(rtts, default=None)
 
     def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
         """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
-        p = self.participants.pop(pid)
+        p = self._unseat(pid)
         self._note_left(pid, now)
         if hold and p.token_hash is not None and self.resume_grace_ms > 0:
-            self._reserved[p.token_hash] = _Reservation(p, now + self.resume_grace_ms)
+            self._hold(p.token_hash, _Reservation(p, now + self.resume_grace_ms))
         elif p.role == HOST:
             self._elect(now)
         return []
@@ -522,16 +561,21 @@ class Room:
     def poll(self, now: float) -> list[Effect]:
         """Advance the queue, expire held seats, flush coalesced presence."""
         effects = self._maybe_advance(now)
-        for token, reservation in list(self._reserved.items()):
-            if now >= reservation.until:
-                self.revision += 1
-                del self._reserved[token]
-                if reservation.participant.role == HOST:
-                    self._elect(now)
-        for token, until in list(self._banned.items()):
-            if now >= until:
-                self.revision += 1
-                del self._banned[token]
+        # Both are in deadline order: stop at the first that is not due.
+        while self._reserved:
+            token, reservation = next(iter(self._reserved.items()))
+            if now < reservation.until:
+                break
+            self.revision += 1
+            self._release(token)
+            if reservation.participant.role == HOST:
+                self._elect(now)
+        while self._banned:
+            token, until = next(iter(self._banned.items()))
+            if now < until:
+                break
+            self.revision += 1
+            del self._banned[token]
         delta = self._presence
         if delta.due_at is None or now < delta.due_at:
             return effects
@@ -581,6 +625,10 @@ class Room:
     def _set_role(self, p: Participant, role: str, now: float) -> None:
         self.revision += 1
         p.role = role
+        if role == LISTENER:
+            self._leads.pop(p.id, None)
+        elif p.id in self.participants:
+            self._leads[p.id] = p
         if p.id not in self._presence.joined:
             self._presence.changed[p.id] = role
         self._schedule_presence(now)
@@ -589,6 +637,11 @@ class Room:
 
     def note_rtt(self, pid: str, rtt_ms: float) -> None:
         self.participants[pid].rtt_ms = rtt_ms
+        worst = self._worst_rtt
+        if worst is None or rtt_ms >= worst[0]:
+            self._worst_rtt = (rtt_ms, pid)
+        elif worst[1] == pid:  # the worst link got better: who is worst now?
+            self._find_worst_rtt()
 
     def handle(self, pid: str, msg: ClientMessage, now: float) -> list[Effect]:
         """Apply one decoded control message from participant ``pid``."""
@@ -672,6 +725,7 @@ class Room:
             return [Error(pid, "no_such_participant", "no other participant with that id")]
         if target.token_hash is not None:
             self.revision += 1
+            self._banned.pop(target.token_hash, None)  # re-banned: moves to the end
             self._banned[target.token_hash] = now + KICK_BAN_MS
         self.leave(target_id, now, hold=False)
         return [Reply(target_id, "kicked", {})]

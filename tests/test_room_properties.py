@@ -184,6 +184,20 @@ class RoomMachine(RuleBasedStateMachine):
             assert self.room.host_id is None
 
     @invariant()
+    def indexes_match_a_full_scan(self) -> None:
+        """The O(1) indexes (crowds) say what scanning every participant would."""
+        room = self.room
+        people = room.participants.values()
+        assert room._leads == {p.id: p for p in people if p.role != LISTENER}
+        assert room._by_hash == {p.token_hash: p for p in people if p.token_hash is not None}
+        held_leads = {h: r for h, r in room._reserved.items() if r.participant.role != "listener"}
+        assert room._reserved_leads == held_leads
+        rtts = [p.rtt_ms for p in people if p.rtt_ms is not None]
+        assert (room._worst_rtt[0] if room._worst_rtt else None) == max(rtts, default=None)
+        untils = [r.until for r in room._reserved.values()]
+        assert untils == sorted(untils)  # deadline order: poll and next_deadline rely on it
+
+    @invariant()
     def version_never_decreases(self) -> None:
         assert self.room.version >= self.last_version
         self.last_version = self.room.version
