@@ -118,7 +118,6 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
         store = await trio.to_thread.run_sync(RoomStore.open_or_reset, settings.data_dir)
         hub = Hub(settings, ServerClock(trio.current_time), store)
         await app.nursery.start(hub.run)
-        app.nursery.start_soon(hub.sweep_heartbeats)
         restored = await hub.restore_rooms()
         if restored:
             log.info("restored %d room(s) from %s", restored, store.path)
@@ -401,6 +400,7 @@ async def serve_websocket(hub: Hub, settings: Settings, knock: Knock, door: Door
             else:
                 name = sanitize_display_name(knock.args.get("name"))
                 token = knock.args.get("token") or None
+                client.sink = ws.sink  # the welcome, too, goes straight to the socket
                 hub.join(knock.room, client, name, resume_token=token, role=outcome.role)
                 await serve_client(hub, knock.room, client, ws)
     finally:
@@ -586,15 +586,18 @@ class Transport(Protocol):
 
 
 async def serve_client(hub: Hub, room_name: str, client: Client, ws: Transport) -> None:
-    """One nursery per client: reader and writer; either's exit ends both.
+    """One nursery per client: reader (the body) and writer; either's exit ends both.
 
     Heartbeats are swept hub-wide (``Hub.sweep_heartbeats``), not by a task here.
     """
     client.sink = ws.sink
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_then_cancel, nursery, _reader(hub, room_name, client, ws))
             nursery.start_soon(_run_then_cancel, nursery, _writer(hub, client, ws))
+            try:  # the reader runs in the nursery's own body: one task fewer a client
+                await _reader(hub, room_name, client, ws)
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         client.sink = None  # nothing writes to a socket that is about to close
 
@@ -712,6 +715,10 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
         hub.stats.messages_out += 1
         if item is client.state_frame:
             hub.metrics.broadcast_latency.observe(trio.current_time() - client.state_queued_at)
+            client.state_frame = None
+        # An idle writer must not keep its last frame alive (a welcome is ~10 KB,
+        # and 10 000 idle writers would hold 10 000 of them).
+        del item, frame
 
 
 def websocket_handler(app: QuartTrio) -> WebSocketHandler:

@@ -131,6 +131,9 @@ def settings_from_args(
 
 HTTP_READ_TIMEOUT = 60  # seconds (Hypercorn takes an int)
 EXIT_DATA_DIR_BUSY = 2  # another server holds the data directory
+# Connections the kernel may hold before we accept them (capped by somaxconn):
+# a room filling at festival pace must not see refused or retried handshakes.
+LISTEN_BACKLOG = 4096
 
 
 def _bind(host: str, port: int) -> str:
@@ -140,6 +143,7 @@ def _bind(host: str, port: int) -> str:
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = StuckPeerConfig()
     config.user_timeout = settings.send_timeout
+    config.backlog = LISTEN_BACKLOG
     config.bind = [_bind(settings.host, settings.port)]
     config.websocket_max_message_size = settings.max_frame_bytes
     config.websocket_ping_interval = settings.ws_ping_interval

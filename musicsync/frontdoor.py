@@ -205,6 +205,8 @@ async def route(
         # permessage-deflate was asked for and is allowed: Hypercorn's path has it.
         await hypercorn(PrefixedStream(stream, raw))
         return
+    # This frame lives as long as the connection: keep none of the request's parse.
+    del request, headers, raw
     await websocket(stream, upgrade, trailing, _peer_ip(stream))
 
 

@@ -247,12 +247,13 @@ class Hub:
         self.closing = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the room writer and the rooms' timer until ``close``."""
+        """Host the room writer, the rooms' timer and the heartbeat sweep until ``close``."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.writer is not None:
                 await nursery.start(self.writer.run)
             nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self.sweep_heartbeats)
             task_status.started()
             await trio.sleep_forever()
 

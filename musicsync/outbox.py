@@ -42,6 +42,7 @@ class Frame:
 
 
 _STATE = object()  # marks where in the order the (coalesced) state frame goes
+_EMPTY: deque[Any] = deque(maxlen=0)  # shared stand-in for a queue never used yet
 
 
 class Outbox(Generic[T]):
@@ -56,8 +57,10 @@ class Outbox(Generic[T]):
 
     def __init__(self, max_frames: int) -> None:
         self.max_frames = max_frames
-        self._pongs: deque[PendingPong] = deque()
-        self._frames: deque[Any] = deque()
+        # Made on first use: most outboxes stay empty (frames go straight to the
+        # socket), and an empty deque costs ~760 bytes a client.
+        self._pongs: deque[PendingPong] = _EMPTY
+        self._frames: deque[Any] = _EMPTY
         self._state: T | None = None
         self.coalesced = 0
 
@@ -67,6 +70,8 @@ class Outbox(Generic[T]):
     def push(self, frame: T) -> None:
         if len(self._frames) >= self.max_frames:
             raise OutboxOverflow(f"{len(self._frames)} frames waiting")
+        if self._frames is _EMPTY:
+            self._frames = deque()
         self._frames.append(frame)
 
     def push_state(self, frame: T) -> None:
@@ -81,6 +86,8 @@ class Outbox(Generic[T]):
     def push_pong(self, t0: float, t1: float) -> None:
         if len(self._pongs) >= self.max_frames:
             raise OutboxOverflow("too many pongs waiting")
+        if self._pongs is _EMPTY:
+            self._pongs = deque()
         self._pongs.append(PendingPong(t0, t1))
 
     def pop(self) -> T | PendingPong | None:
