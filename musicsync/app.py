@@ -51,7 +51,7 @@ from .outbox import Frame, PendingPong
 from .protocol import Ping, ProtocolError, Report, decode_client, error_frame
 from .ratelimit import RateLimiter, Verdict
 from .room import Track
-from .sockets import set_permessage_deflate
+from .sockets import guard_hypercorn_connections, set_permessage_deflate
 from .store import RoomStore
 from .uploads import (
     FlowHTTPConnection,
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
     the end."""
     settings = settings or Settings.from_env()
     set_permessage_deflate(settings.websocket_compression)
+    guard_hypercorn_connections()
     app = QuartTrio(__name__, static_folder=None)
     app.config["MUSICSYNC"] = settings
     # Uploads stream their body (with back-pressure); nothing else takes a larger one.

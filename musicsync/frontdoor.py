@@ -27,12 +27,12 @@ import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 
+from .sockets import GuardedTCPServer
 from .wsframes import (
     HandshakeRefused,
     Upgrade,
@@ -53,22 +53,6 @@ H2_PREFACE = b"PRI * HTTP/2.0"
 SEND_RESPONSE_TIMEOUT = 2.0  # seconds to hand an error response to a peer
 LINGER_SECONDS = 1.0  # after an answer that ends a connection: drain the peer this long
 LINGER_BYTES = 64 * 1024  # ...or until this much was drained
-
-
-class GuardedTCPServer(TCPServer):
-    """Hypercorn's connection handler, which can no longer end the serving loop.
-
-    Hypercorn (0.18, issue #225) raises h11's LocalProtocolError out of a
-    connection whose upgrade request came with more bytes in the same write;
-    the exception ended ``serve_listeners`` and with it the process.
-    """
-
-    async def run(self) -> None:
-        try:
-            await super().run()
-        except Exception:  # the serving loop's guard: logged, and only this connection ends
-            log.warning("connection failed inside Hypercorn; closed it", exc_info=True)
-            await trio.aclose_forcefully(self.stream)
 
 
 class PrefixedStream:
@@ -141,6 +125,13 @@ async def read_head(stream: trio.abc.Stream) -> tuple[h11.Request | None, bytes,
             except h11.RemoteProtocolError as exc:
                 status = HTTPStatus(exc.error_status_hint)
                 await send_and_close(stream, error_response(status, str(exc)))
+                return None, b"", b""
+            head_end = raw.find(b"\r\n\r\n")
+            if (head_end + 4 if head_end >= 0 else len(raw)) > MAX_HEAD_BYTES:
+                # h11 bounds only a head still incomplete; one that came whole is
+                # held to the same limit here
+                too_big = error_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "head too big")
+                await send_and_close(stream, too_big)
                 return None, b"", b""
             if event is h11.NEED_DATA:
                 continue

@@ -1,12 +1,19 @@
-"""How we bend Hypercorn: kernel aborts for stuck peers, and no permessage-deflate."""
+"""How we bend Hypercorn: kernel aborts for stuck peers, no permessage-deflate, and a
+connection's failure that cannot end the serving loop."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
+import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.protocol import ws_stream
+from hypercorn.trio import run as hypercorn_trio_run
+from hypercorn.trio.tcp_server import TCPServer
+
+log = logging.getLogger(__name__)
 
 MS_PER_SECOND = 1000
 EXTENSIONS_HEADER = b"sec-websocket-extensions"
@@ -55,3 +62,25 @@ def set_permessage_deflate(enabled: bool) -> None:
     one that ignores the offer. Process-wide: the last server started decides.
     """
     ws_stream.Handshake = _HYPERCORN_HANDSHAKE if enabled else _NoExtensionsHandshake  # type: ignore[misc]
+
+
+class GuardedTCPServer(TCPServer):
+    """Hypercorn's connection handler, which can no longer end the serving loop.
+
+    Hypercorn (0.18, issue #225) raises h11's LocalProtocolError out of a
+    connection whose upgrade request came with more bytes in the same write;
+    the exception ended ``serve_listeners`` and with it the process.
+    """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:  # the serving loop's guard: logged, and only this connection ends
+            log.warning("connection failed inside Hypercorn; closed it", exc_info=True)
+            await trio.aclose_forcefully(self.stream)
+
+
+def guard_hypercorn_connections() -> None:
+    """Make Hypercorn's own trio worker (``hypercorn -k trio musicsync.app:app``)
+    serve connections through ``GuardedTCPServer`` too. Idempotent."""
+    hypercorn_trio_run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined]
