@@ -1,87 +1,91 @@
-"""Server fan-out benchmark: join cost, fan-out latency, memory per connection, stalls.
+"""Server fan-out benchmark: musicsync against a reference broadcaster, at festival scale.
 
-Starts the real server as a subprocess on 127.0.0.1 (a fresh one per scenario)
-and drives it from WebSocket clients that all live in this process, so every
-delay is measured on one monotonic clock (``time.perf_counter``).
+For each listener count N (500, 2 000, 5 000, 10 000; ``--sizes``) and each
+server, a fresh server subprocess on 127.0.0.1:
 
-1. Join cost: seat N listeners in one room (trio-websocket clients opened
-   concurrently in batches; seated = got its ``welcome``). Reports seconds,
-   joins/s, the ``welcome`` and ``presence`` traffic of the fill, and what
-   re-sending the full participant list on every join would have cost.
-2. Fan-out latency: with N listeners seated, the host sends ``seek`` commands
-   (within the 10/s control limit); for every listener, the delay from the
-   host's send to the first ``state`` carrying that version (or a newer one).
-3. Memory per idle connection: server VmRSS before the clients connect and
-   after N are seated, divided by N.
-4. Stalled listeners: 100 listeners of which 5 never read (raw sockets with a
-   tiny SO_RCVBUF, WebSocket handshake by hand with wsproto, then silence).
-   Their pipes are filled first with large ``state`` frames; the p95 fan-out
-   delay of the others is compared with a round without stalled listeners.
+* ``musicsync serve`` (the real CLI, limits raised for one address), and
+* ``reference_broadcaster.py`` (the ``websockets`` asyncio server with
+  ``websockets.broadcast``), started and measured the same way in the same run.
 
-Prints a table, then one JSON line with all figures.
+The load lives in separate client processes (``fanout_client.py``: raw
+non-blocking sockets and one epoll loop each; one process by default, as the
+server takes the other core). The host connects and sets a track; N listeners
+are seated (a listener is seated when its welcome arrives); then the host sends
+20 play/pause changes 500 ms apart. For every listener and change: the delay
+from the host's send to the arrival of the state with that version (one
+monotonic clock, CLOCK_MONOTONIC, for every process). Server CPU per delivered
+state frame is the server's utime+stime (``/proc/<pid>/stat``) over the change
+phase divided by the state frames delivered; memory per idle connection is the
+server's VmRSS after the N are seated and quiet, minus before, over N.
 
-    python benchmarks/bench_fanout.py [--quick] [--source DIR] [--batch 100]
+Scenario 4 (stalled listeners) runs on musicsync only, as before: 100
+listeners of which 5 never read (tiny ``SO_RCVBUF``, never read after the 101
+response), their pipes filled first; the p95 of the others is compared with a
+round without stalled listeners, and the server must drop the stalled ones.
+
+Median of 3 runs (``--runs``); each run measures both servers at every size
+(in alternating order). Prints a table, then one JSON line with every figure.
+
+    python benchmarks/bench_fanout.py [--quick] [--runs 3] [--sizes 500,2000,5000,10000]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import gc
+import http.client
 import json
 import math
 import os
 import platform
+import re
 import resource
+import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import termios
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
-
-import trio
-import wsproto
-from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
-from wsproto.connection import ConnectionType
-from wsproto.events import AcceptConnection, RejectConnection, Request
 
 REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
-LISTEN_PREFIX = "musicsync listening on http://127.0.0.1:"
-clock = time.perf_counter  # the one clock every delay is measured on
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+KINDS = ("musicsync", "reference")
+clock = time.monotonic  # CLOCK_MONOTONIC, as in the client processes
 
-PING_EVERY_S = 15.0  # the server drops clients silent for 30 s
-SEEK_RATE = 5.0  # per second; the control bucket allows 10/s with a burst of 20
-PRIME_RATE = 20.0  # the bucket refills 10/s: 20 frames in 1 s stay within it
-PRIME_FRAMES = 20  # big states to fill a stalled listener's pipe (~2.3 KB each)
+SERVER_START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+CLIENT_REPLY_TIMEOUT_S = 180.0  # one command of a client process
+QUIET_MS = 300  # "settled": no listener received anything for this long
+QUIET_TIMEOUT_S = 60.0
+RSS_SETTLE_S = 0.3  # after the room is quiet, before VmRSS is read
+DRAIN_TIMEOUT_S = 10.0  # after the last change, for everyone to get it
+CHANGE_INTERVAL_S = 0.5
+TRACK = {
+    "type": "set_track",
+    "url": "/media/festival-main-stage-opening-set-2025.mp3",
+    "title": "Main stage, opening set (live)",
+    "duration": 3600.0,
+}
+# Scenario 4: stalled listeners
 STALL_LISTENERS = 100
 STALLED = 5
-STALL_RCVBUF = 1024
-MAX_MESSAGE = 64 * 1024 * 1024
-RECEIVE_BUFFER = 64 * 1024
-PHASE_TIMEOUT_S = 60.0  # one batch of connections
-SETTLE_TIMEOUT_S = 30.0
-DRAIN_TIMEOUT_S = 15.0  # after the last seek
-SERVER_START_TIMEOUT_S = 30.0
-CLOSE_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 15.0
-# How long to watch for the server dropping the stalled clients: their writers
-# block during the priming, so this is more than the server's 10 s send timeout.
-DROP_WATCH_S = 12.0
-STALL_PAIR_S = 20.0  # a clean and a stalled round, roughly
-
-
-# -- measurement helpers ---------------------------------------------------------
+PRIME_FRAMES = 20  # big states to fill a stalled listener's pipe (~2.3 KB each)
+PRIME_INTERVAL_S = 0.05  # 20/s: the control bucket (10/s, burst 20) allows 20 in 1 s
+STALL_SEEK_INTERVAL_S = 0.2
+DROP_WATCH_S = 12.0  # more than the server's 10 s send timeout
+# The issue's goals
+GOAL_CPU_US = 15.0
+GOAL_P99_5000_MS = 60.0
+GOAL_SEAT_10000_S = 20.0
+GOAL_P99_10000_MS = 150.0
+GOAL_IDLE_KIB = 30.0
+GOAL_RATIO, GOAL_RATIO_NEXT = 1.0, 0.5
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -94,9 +98,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def rnd(x: float | None, digits: int = 2) -> float | None:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    if x is None or not math.isfinite(x):
         return None
     return round(x, digits)
+
+
+def median(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(vals) if vals else None
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -107,140 +116,305 @@ def raise_fd_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def bench_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """One line of ``proc``'s stdout within ``timeout`` (raises TimeoutError / EOFError)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = clock() + timeout
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = deadline - clock()
+        if left <= 0:
+            raise TimeoutError(f"no reply within {timeout:.0f} s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 1)  # byte by byte: never read past the line
+            if not chunk:
+                raise EOFError(f"process {proc.pid} exited (status {proc.poll()})")
+            buf += chunk
+    return buf.decode(errors="replace")
 
 
-@dataclass
-class Tally:
-    """Frames received by all clients of one scenario, by type."""
-
-    frames: dict[str, int] = field(default_factory=dict)
-    chars: dict[str, int] = field(default_factory=dict)
-
-    def add(self, kind: str, size: int) -> None:
-        self.frames[kind] = self.frames.get(kind, 0) + 1
-        self.chars[kind] = self.chars.get(kind, 0) + size
-
-    def reset(self) -> None:
-        self.frames.clear()
-        self.chars.clear()
+# -- servers ---------------------------------------------------------------------
 
 
-# -- the server subprocess -------------------------------------------------------
+class Server:
+    """One server subprocess: musicsync or the reference broadcaster."""
 
-
-class ServerProcess:
-    def __init__(self, source: Path, workdir: Path, tag: str) -> None:
+    def __init__(self, kind: str, source: Path, workdir: Path, tag: str) -> None:
+        self.kind = kind
         self.source = source
-        self.media = workdir / f"media-{tag}"
-        self.media.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"server-{tag}.log"
-        self.proc: trio.Process | None = None
+        self.dir = workdir / tag
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.dir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self._log: Any = None
+
+    def command(self) -> list[str]:
+        if self.kind == "reference":
+            return [sys.executable, str(HERE / "reference_broadcaster.py"), "--port", "0"]
+        (self.dir / "media").mkdir(exist_ok=True)
+        (self.dir / "data").mkdir(exist_ok=True)
+        return [
+            *(sys.executable, "-m", "musicsync", "serve", "--host", HOST, "--port", "0"),
+            *("--no-demo", "--data", str(self.dir / "data"), "--media", str(self.dir / "media")),
+            *("--max-connections-per-ip", "100000", "--new-rooms-per-ip", "100000"),
+            *("--heartbeat-timeout", "600"),
+        ]
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.command(), cwd=str(self.dir), env=env, stdout=subprocess.PIPE, stderr=log
+            )
+        deadline = clock() + SERVER_START_TIMEOUT_S
+        while True:
+            line = read_line(self.proc, max(0.1, deadline - clock()))
+            m = LISTENING.search(line)
+            if m:
+                self.port = int(m.group(1))
+                return
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
-        env["PYTHONUNBUFFERED"] = "1"
-        cmd = [
-            sys.executable,
-            "-m",
-            "musicsync",
-            "serve",
-            "--host",
-            HOST,
-            "--port",
-            "0",
-            "--media",
-            str(self.media),
-            "--data",
-            str(self.media.parent / "data"),
-            "--no-demo",
-            "--max-connections-per-ip",
-            "100000",
-        ]
-        self._log = self.log_path.open("wb")  # closed in stop()
-        # The server inherits this process's raised RLIMIT_NOFILE.
-        self.proc = await trio.lowlevel.open_process(
-            cmd, cwd=str(self.source), env=env, stdout=subprocess.PIPE, stderr=self._log
-        )
-        assert self.proc.stdout is not None
-        buf = b""
-        with trio.fail_after(SERVER_START_TIMEOUT_S):
-            while True:
-                chunk = await self.proc.stdout.receive_some(4096)
-                if not chunk:
-                    raise RuntimeError(f"server exited before listening; see {self.log_path}")
-                buf += chunk
-                for line in buf.decode(errors="replace").splitlines():
-                    if line.startswith(LISTEN_PREFIX):
-                        self.port = int(line[len(LISTEN_PREFIX) :].strip().rstrip("/"))
-                        return
+    def cpu_s(self) -> float:
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime+stime
 
-    def rss_kib(self) -> int:
-        return self._status_kib("VmRSS")
-
-    def hwm_kib(self) -> int:
-        return self._status_kib("VmHWM")
-
-    def _status_kib(self, key: str) -> int:
+    def status_kib(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
         raise RuntimeError(f"no {key} in /proc/{self.pid}/status")
 
-    def cpu_s(self) -> float:
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        ticks = int(fields[11]) + int(fields[12])  # utime, stime
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    async def stop(self) -> float:
-        """SIGTERM and wait; returns how long the exit took (killed after a timeout)."""
+    def stop(self) -> float:
+        """SIGTERM, wait (SIGKILL after a timeout); returns how long it took."""
         if self.proc is None:
             return 0.0
         t0 = clock()
-        if self.proc.returncode is None:
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(STOP_TIMEOUT_S):
-                await self.proc.wait()
-            if self.proc.returncode is None:
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-                await self.proc.wait()
+                self.proc.wait()
         if self.proc.stdout is not None:
-            await self.proc.stdout.aclose()
-        self._log.close()
+            self.proc.stdout.close()
         return clock() - t0
 
-    def log_lines(self, needle: str) -> int:
+    def log_count(self, needle: str) -> int:
         try:
             return self.log_path.read_text(errors="replace").count(needle)
         except OSError:
             return 0
 
+    def healthz(self) -> dict[str, Any]:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            return json.loads(conn.getresponse().read())  # type: ignore[no-any-return]
+        finally:
+            conn.close()
 
-async def healthz(port: int) -> dict[str, Any]:
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream(HOST, port)
-        async with stream:
-            await stream.send_all(
-                b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+# -- load client processes ---------------------------------------------------------
+
+
+class Load:
+    """The client processes (fanout_client.py); process 0 also runs the host."""
+
+    def __init__(self, procs: int, port: int, room: str) -> None:
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, str(HERE / "fanout_client.py"), str(port), room, f"c{i}l"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
             )
-            data = b""
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-                _head, sep, body = data.partition(b"\r\n\r\n")
-                if sep and body.rstrip().endswith(b"}"):
-                    break
-    return json.loads(data.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
+            for i in range(procs)
+        ]
+        self.pids = [p.pid for p in self.procs]
+
+    def send(self, i: int, cmd: dict[str, Any]) -> None:
+        stdin = self.procs[i].stdin
+        assert stdin is not None
+        stdin.write((json.dumps(cmd) + "\n").encode())
+        stdin.flush()
+
+    def recv(self, i: int, timeout: float = CLIENT_REPLY_TIMEOUT_S) -> dict[str, Any]:
+        return json.loads(read_line(self.procs[i], timeout))  # type: ignore[no-any-return]
+
+    def call(self, i: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        self.send(i, cmd)
+        return self.recv(i)
+
+    def all(self, cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One command to each process at once; their replies in order."""
+        for i, cmd in enumerate(cmds):
+            self.send(i, cmd)
+        return [self.recv(i) for i in range(len(cmds))]
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def close(self) -> None:
+        for i, p in enumerate(self.procs):
+            with contextlib.suppress(OSError, ValueError, TimeoutError, EOFError):
+                self.call(i, {"cmd": "close"})
+            with contextlib.suppress(OSError, ValueError):
+                if p.stdin is not None:
+                    p.stdin.close()
+            try:
+                p.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def change_msgs(count: int) -> list[dict[str, Any]]:
+    """Alternating play and pause: each one is a new version of the room."""
+    return [{"type": "play" if i % 2 == 0 else "pause"} for i in range(count)]
+
+
+def measure_changes(
+    load: Load, server: Server, msgs: list[dict[str, Any]], interval: float, v0: int
+) -> dict[str, Any]:
+    """The host sends ``msgs``; every listener's delay per change, server CPU per frame."""
+    count = len(msgs)
+    load.all([{"cmd": "arm", "v0": v0, "count": count}] * len(load.procs))
+    cpu0, load0 = server.cpu_s(), load.cpu_s()
+    sends = load.call(0, {"cmd": "changes", "msgs": msgs, "interval": interval})["sends"]
+    waits = load.all(
+        [{"cmd": "wait", "version": v0 + count, "timeout": DRAIN_TIMEOUT_S}] * len(load.procs)
+    )
+    cpu, load_cpu = server.cpu_s() - cpu0, load.cpu_s() - load0
+    reps = load.all([{"cmd": "report", "sends": sends}] * len(load.procs))
+    delays = [d for r in reps for d in r["delays"]]
+    frames = sum(r["state_frames"] for r in reps)
+    per_change = [max(r["per_change_max"][k] for r in reps) for k in range(count)]
+    listeners = sum(r["listeners"] for r in reps)
+    codes: dict[str, int] = {}
+    for r in reps:
+        for k, v in r["close_codes"].items():
+            codes[k] = codes.get(k, 0) + v
+    return {
+        "changes": count,
+        "listeners": listeners,
+        "open_listeners": sum(r["open"] for r in reps),
+        "samples": len(delays),
+        "missing": sum(r["missing"] for r in reps),
+        "complete": all(w["ok"] for w in waits) and sum(r["missing"] for r in reps) == 0,
+        "superseded": sum(r["superseded"] for r in reps),
+        "p50_ms": rnd(percentile(delays, 50)),
+        "p95_ms": rnd(percentile(delays, 95)),
+        "p99_ms": rnd(percentile(delays, 99)),
+        "max_ms": rnd(max(delays, default=math.nan)),
+        "last_listener_median_ms": rnd(median(per_change)),
+        "per_change_max_ms": [rnd(x, 1) for x in per_change],
+        "state_frames": frames,
+        "server_cpu_s": rnd(cpu, 3),
+        "server_cpu_us_per_frame": rnd(cpu * 1e6 / frames, 2) if frames else None,
+        "client_cpu_s": rnd(load_cpu, 3),
+        "client_cpu_us_per_frame": rnd(load_cpu * 1e6 / frames, 2) if frames else None,
+        "close_codes": codes,
+    }
+
+
+@dataclass
+class Config:
+    quick: bool
+    source: Path
+    workdir: Path
+    sizes: list[int]
+    runs: int
+    changes: int
+    interval: float
+    batch: int
+    procs: int
+    seat_budget: float
+    stall_rounds: int
+    stall_seeks: int
+    drop_watch: float
+    total_budget: float
+    started: float = field(default_factory=clock)
+    stop_seconds: list[float] = field(default_factory=list)
+
+
+def measure_size(cfg: Config, kind: str, n: int, tag: str) -> dict[str, Any]:
+    """A fresh server of ``kind``: seat ``n`` listeners, then the host's changes."""
+    server = Server(kind, cfg.source, cfg.workdir, tag)
+    server.start()
+    load: Load | None = None
+    out: dict[str, Any] = {"server": kind, "n": n}
+    try:
+        load = Load(cfg.procs, server.port, "bench")
+        host = load.call(0, {"cmd": "host"})
+        if not host["ok"]:
+            raise RuntimeError(f"host not seated: {host}")
+        # A track, so states are full-sized; its state also warms the send path.
+        load.call(0, {"cmd": "changes", "msgs": [TRACK], "interval": 0})
+        quiet = load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": QUIET_TIMEOUT_S})
+        v0 = int(quiet["host_version"])
+        time.sleep(RSS_SETTLE_S)
+        rss0 = server.status_kib("VmRSS")
+        cpu0 = server.cpu_s()
+        seats = load.all(
+            [
+                {"cmd": "seat", "n": k, "batch": max(1, cfg.batch // cfg.procs), "budget": b}
+                for k, b in zip(split(n, cfg.procs), [cfg.seat_budget] * cfg.procs, strict=True)
+            ]
+        )
+        seated = sum(s["seated"] for s in seats)
+        seat_s = max(s["end"] for s in seats) - min(s["start"] for s in seats)
+        seat_cpu = server.cpu_s() - cpu0
+        quiet_all = load.all(
+            [{"cmd": "quiet", "ms": QUIET_MS, "timeout": QUIET_TIMEOUT_S}] * cfg.procs
+        )
+        time.sleep(RSS_SETTLE_S)
+        rss1 = server.status_kib("VmRSS")
+        out.update(
+            seated=seated,
+            seat_complete=seated == n,
+            seat_s=rnd(seat_s, 3),
+            seats_per_s=rnd(seated / seat_s, 1) if seat_s > 0 else None,
+            seat_server_cpu_s=rnd(seat_cpu, 2),
+            settled=all(q["ok"] for q in quiet_all),
+            rss_before_kib=rss0,
+            rss_after_kib=rss1,
+            kib_per_conn=rnd((rss1 - rss0) / seated, 2) if seated else None,
+            seat_errors={k: v for s in seats for k, v in s["errors"].items()},
+        )
+        msgs = change_msgs(cfg.changes)
+        out["fanout"] = measure_changes(load, server, msgs, cfg.interval, v0)
+    finally:
+        if load is not None:
+            load.close()
+        cfg.stop_seconds.append(server.stop())
+        if kind == "musicsync":
+            out["slow_client_log_lines"] = server.log_count("dropping slow client")
+            out["server_log_errors"] = server.log_count("Traceback")
+    return out
+
+
+# -- scenario 4: stalled listeners -----------------------------------------------------
 
 
 def tcp_queues(server_port: int, client_ports: set[int]) -> tuple[int, int]:
@@ -258,645 +432,219 @@ def tcp_queues(server_port: int, client_ports: set[int]) -> tuple[int, int]:
     return send_q, recv_q
 
 
-# -- clients ---------------------------------------------------------------------
-
-
-class Client:
-    """One trio-websocket client whose reader only parses and timestamps."""
-
-    __slots__ = (
-        "close_code",
-        "conn",
-        "count",
-        "last_sent",
-        "role",
-        "states",
-        "version",
-        "welcome_entry",
-    )
-
-    def __init__(self) -> None:
-        self.conn: WebSocketConnection | None = None
-        self.states: list[tuple[int, float]] = []  # (version, receive time)
-        self.version = -1
-        self.count = 0
-        self.role = ""
-        self.last_sent = clock()
-        self.welcome_entry = 0
-        self.close_code: int | None = None
-
-    async def send(self, kind: str, **fields: Any) -> None:
-        assert self.conn is not None
-        self.last_sent = clock()
-        await self.conn.send_message(json.dumps({"type": kind, **fields}))
-
-    async def run(
-        self, nursery: trio.Nursery, url: str, tally: Tally, seated: Callable[[], None]
-    ) -> None:
-        conn = await connect_websocket_url(
-            nursery, url, max_message_size=MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER
+def stall_round(cfg: Config, stalled: int, watch: bool, tag: str) -> dict[str, Any]:
+    server = Server("musicsync", cfg.source, cfg.workdir, tag)
+    server.start()
+    load: Load | None = None
+    out: dict[str, Any] = {"stalled": stalled}
+    try:
+        load = Load(1, server.port, "bench")
+        if not load.call(0, {"cmd": "host"})["ok"]:
+            raise RuntimeError("host not seated")
+        seat = load.call(
+            0, {"cmd": "seat", "n": STALL_LISTENERS - stalled, "batch": 100, "stalled": stalled}
         )
-        self.conn = conn
-        self.last_sent = clock()
-        states = self.states
-        try:
-            while True:
-                raw = await conn.get_message()
-                t = clock()
-                msg = json.loads(raw)
-                kind = msg["type"]
-                if kind == "state":
-                    v = msg["room"]["version"]
-                    states.append((v, t))
-                    self.version = max(self.version, v)
-                elif kind == "presence":
-                    self.count = msg["count"]
-                elif kind == "welcome":
-                    parts = msg["participants"]
-                    self.count = len(parts)
-                    self.version = msg["room"]["version"]
-                    self.role = msg["you"]["role"]
-                    self.welcome_entry = len(json.dumps(parts[-1], separators=(",", ":")))
-                    seated()
-                tally.add(kind, len(raw))  # the server sends ASCII JSON: chars == bytes
-        except ConnectionClosed as exc:
-            self.close_code = exc.reason.code if exc.reason else -1
-
-    async def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                await self.conn.aclose()
-
-
-@dataclass
-class Stalled:
-    stream: trio.SocketStream
-    port: int
-
-
-async def open_stalled(port: int, path: str) -> Stalled:
-    """Handshake by hand on a socket with a tiny receive buffer, then never read again."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALL_RCVBUF)
-    await sock.connect((HOST, port))
-    stream = trio.SocketStream(sock)
-    ws = wsproto.WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host=f"{HOST}:{port}", target=path)))
-    with trio.fail_after(10):
-        while True:
-            data = await stream.receive_some(256)  # small reads: leave the welcome queued
-            if not data:
-                raise RuntimeError("stalled client: connection closed during handshake")
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, AcceptConnection):
-                    return Stalled(stream, sock.getsockname()[1])
-                if isinstance(event, RejectConnection):
-                    raise RuntimeError(f"stalled client refused: {event.status_code}")
-
-
-def unread_bytes(stalled: list[Stalled]) -> int:
-    total = 0
-    for s in stalled:
-        buf = bytearray(4)
-        with contextlib.suppress(OSError):
-            fcntl.ioctl(s.stream.socket.fileno(), termios.FIONREAD, buf)
-            total += int.from_bytes(buf, sys.byteorder)
-    return total
-
-
-class Room:
-    """A server subprocess, a host and its listeners, in one room."""
-
-    def __init__(self, nursery: trio.Nursery, server: ServerProcess, name: str) -> None:
-        self.nursery = nursery
-        self.server = server
-        self.name = name
-        self.tally = Tally()
-        self.host = Client()
-        self.listeners: list[Client] = []
-        self.stalled: list[Stalled] = []
-        self.base_version = 0  # the room's version in the host's welcome
-        self.changes = 0  # state changes the host has asked for since
-        self.stuck = False  # a batch was not seated in time
-        self._seated = 0
-        self._want = 0
-        self._batch_done = trio.Event()
-
-    def url(self, name: str) -> str:
-        return f"ws://{HOST}:{self.server.port}{self.path(name)}"
-
-    def path(self, name: str) -> str:
-        return f"/ws/{self.name}?{urlencode({'name': name})}"
-
-    @property
-    def open_listeners(self) -> list[Client]:
-        return [c for c in self.listeners if c.close_code is None]
-
-    @property
-    def seated(self) -> int:
-        """Listeners that have their welcome (the host is not counted)."""
-        return self._seated - 1
-
-    def _on_seated(self) -> None:
-        self._seated += 1
-        if self._seated >= self._want:
-            self._batch_done.set()
-
-    async def _seat(self, clients: list[Client], first_name: int) -> bool:
-        """Open ``clients`` at once; False if not all were seated within PHASE_TIMEOUT_S."""
-        self._want = self._seated + len(clients)
-        self._batch_done = trio.Event()
-        for i, c in enumerate(clients):
-            self.nursery.start_soon(
-                c.run, self.nursery, self.url(f"l{first_name + i}"), self.tally, self._on_seated
-            )
-        with trio.move_on_after(PHASE_TIMEOUT_S):
-            await self._batch_done.wait()
-        return self._batch_done.is_set()
-
-    async def open_host(self) -> None:
-        if not await self._seat([self.host], 0):
-            raise RuntimeError("the host was not seated")
-        self.base_version = self.host.version
-        if self.host.role != "host":
-            await self.host.send("claim_host")
-
-    async def fill(self, n: int, batch: int, deadline: float = math.inf) -> None:
-        """Seat listeners up to ``n`` in batches of ``batch`` connections in flight.
-
-        Starts no new batch after ``deadline`` (a ``clock()`` value).
-        """
-        while len(self.listeners) < n and clock() < deadline:
-            group = [Client() for _ in range(min(batch, n - len(self.listeners)))]
-            start = len(self.listeners) + 1
-            self.listeners.extend(group)
-            if not await self._seat(group, start):
-                self.stuck = True
-                return
-
-    async def add_stalled(self, n: int) -> None:
-        for i in range(n):
-            self.stalled.append(await open_stalled(self.server.port, self.path(f"stalled{i}")))
-
-    @property
-    def expected_version(self) -> int:
-        """Every ``set_track`` and ``seek`` the host sends is one new version."""
-        return self.base_version + self.changes
-
-    async def change(self, kind: str, **fields: Any) -> None:
-        self.changes += 1
-        await self.host.send(kind, **fields)
-
-    async def settle(self, limit: float = SETTLE_TIMEOUT_S) -> float:
-        """Wait until every open client has seen the full count and the newest version."""
-        t0 = clock()
-        with trio.fail_after(limit):
-            while True:
-                clients = [self.host, *self.open_listeners]
-                want = len(clients) + len(self.stalled)
-                v = self.expected_version
-                if all(c.count == want and c.version >= v for c in clients):
-                    return clock() - t0
-                await trio.sleep(0.02)
-
-    async def keepalive(self) -> None:
-        """Ping every client that has been silent for PING_EVERY_S."""
-        while True:
-            await trio.sleep(1.0)
-            now = clock()
-            for c in [self.host, *self.listeners]:
-                if c.conn is not None and c.close_code is None and now - c.last_sent > PING_EVERY_S:
-                    with contextlib.suppress(Exception):
-                        await c.send("ping", t0=time.time() * 1000)
-
-    async def close(self) -> None:
-        for s in self.stalled:
-            with contextlib.suppress(Exception):
-                await s.stream.aclose()
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            async with trio.open_nursery() as n:
-                for c in [*self.listeners, self.host]:
-                    n.start_soon(c.close)
-
-
-# -- fan-out ---------------------------------------------------------------------
-
-
-async def prime(room: Room, frames: int) -> None:
-    """Big ``state`` frames (long URL and title) to fill slow readers' pipes."""
-    url = "/media/" + "p" * 2000 + ".mp3"
-    for i in range(frames):
-        await room.change("set_track", url=url, title=f"{i:03d}" + "t" * 190)
-        await trio.sleep(1.0 / PRIME_RATE)
-
-
-async def fanout(room: Room, seeks: int, rate: float = SEEK_RATE) -> dict[str, Any]:
-    """Seeks from the host; per listener, the delay to the first state >= that version."""
-    await room.settle()
-    listeners = room.open_listeners
-    for c in listeners:
-        c.states.clear()
-    v0 = room.expected_version
-    sends: list[tuple[int, float]] = []
-    server = room.server
-    gc.collect()
-    gc.disable()  # no collector pauses in this process while timing
-    try:
-        cpu_srv0, cpu_me0 = server.cpu_s(), bench_cpu_s()
-        start = clock()
-        for i in range(seeks):
-            await trio.sleep(max(0.0, start + i / rate - clock()))
-            sends.append((v0 + i + 1, clock()))
-            await room.change("seek", position=float(i + 1))
-        last = sends[-1][0]
-        with trio.move_on_after(DRAIN_TIMEOUT_S):
-            while True:
-                if all(c.version >= last or c.close_code is not None for c in listeners):
-                    break
-                await trio.sleep(0.02)
-        cpu_srv, cpu_me = server.cpu_s() - cpu_srv0, bench_cpu_s() - cpu_me0
-    finally:
-        gc.enable()
-    delays: list[float] = []
-    per_seek_max = [0.0] * len(sends)
-    superseded = missing = 0
-    for c in listeners:
-        states = c.states
-        j = 0
-        for k, (v, sent) in enumerate(sends):
-            while j < len(states) and states[j][0] < v:
-                j += 1
-            if j == len(states):
-                missing += 1
-                continue
-            d = (states[j][1] - sent) * 1000.0
-            delays.append(d)
-            per_seek_max[k] = max(per_seek_max[k], d)
-            if states[j][0] != v:
-                superseded += 1
-    return {
-        "n": len(listeners),
-        "seeks": seeks,
-        "samples": len(delays),
-        "superseded": superseded,
-        "missing": missing,
-        "p50_ms": rnd(percentile(delays, 50)),
-        "p95_ms": rnd(percentile(delays, 95)),
-        "p99_ms": rnd(percentile(delays, 99)),
-        "max_ms": rnd(max(delays, default=math.nan)),
-        "last_listener_median_ms": rnd(statistics.median(per_seek_max)),
-        "server_cpu_ms_per_seek": rnd(cpu_srv * 1000 / seeks, 1),
-        "bench_cpu_ms_per_seek": rnd(cpu_me * 1000 / seeks, 1),
-    }
-
-
-# -- scenarios -------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def scenario(cfg: Config, tag: str) -> AsyncIterator[Room]:
-    """A fresh server with room ``bench``; clients closed, then the server stopped."""
-    server = ServerProcess(cfg.source, cfg.workdir, tag)
-    await server.start()
-    try:
-        async with trio.open_nursery() as nursery:
-            room = Room(nursery, server, "bench")
-            nursery.start_soon(room.keepalive)
-            try:
-                yield room
-            finally:
-                with trio.CancelScope(shield=True):
-                    await room.close()
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            cfg.stop_seconds.append(await server.stop())
-
-
-async def warm_up(server: ServerProcess) -> None:
-    """One connection in another room and a health check, so lazy set-up is paid."""
-    done = trio.Event()
-    async with trio.open_nursery() as n:
-        c = Client()
-        url = f"ws://{HOST}:{server.port}/ws/warmup?name=w"
-        n.start_soon(c.run, n, url, Tally(), done.set)
-        with trio.fail_after(10):
-            await done.wait()
-        await c.close()
-    await healthz(server.port)
-    await trio.sleep(0.3)
-
-
-def hypothetical_presence(n: int, entry: int) -> dict[str, int]:
-    """What the fill's presence traffic would cost without coalescing.
-
-    The host is seated first; the k-th listener's join makes m = k + 1
-    participants, every one of whom would get a frame: either a one-entry delta
-    or (the naive design) the whole participant list of m entries.
-    """
-    overhead = len('{"joined":[],"left":[],"changed":[],"count":0000,"type":"presence"}')
-    frames = sum(k + 1 for k in range(1, n + 1))
-    delta_bytes = frames * (overhead + entry)
-    full_bytes = sum((k + 1) * (overhead + (k + 1) * (entry + 1) - 1) for k in range(1, n + 1))
-    return {"frames": frames, "delta_bytes": delta_bytes, "full_list_bytes": full_bytes}
-
-
-async def run_growth(cfg: Config, results: dict[str, Any]) -> None:
-    """One room filled continuously; at each checkpoint N: join cost, memory, fan-out.
-
-    The fill pauses at a checkpoint (presence settles, RSS is read, seeks run);
-    paused time is not counted as join time.
-    """
-    checkpoints = sorted(set(cfg.join_sizes) | set(cfg.fanout_sizes) | set(cfg.memory_sizes))
-    async with scenario(cfg, "growth") as room:
-        server = room.server
-        await warm_up(server)
-        rss0 = server.rss_kib()
-        await room.open_host()
-        await room.settle()
-        room.tally.reset()
-        active = cpu_srv = cpu_me = 0.0
-        measured_at = -1
-        for target in checkpoints:
-            print(f"# fill to {target} ...", file=sys.stderr, flush=True)
-            t0, s0, b0 = clock(), server.cpu_s(), bench_cpu_s()
-            await room.fill(target, cfg.batch, t0 + cfg.fill_budget - active)
-            active += clock() - t0
-            n = min(len(room.listeners), room.seated)
-            fresh = n > measured_at  # not yet measured at this size
-            measured_at = n
-            settle_s: float | None = None
-            with contextlib.suppress(trio.TooSlowError):
-                settle_s = await room.settle()
-            cpu_srv += server.cpu_s() - s0
-            cpu_me += bench_cpu_s() - b0
-            complete = n >= target and settle_s is not None and not room.stuck
-            if settle_s is None or room.stuck:
-                fresh = False  # not a steady room: report the join figures only
-            health = await healthz(server.port)
-            frames = dict(room.tally.frames)
-            chars = dict(room.tally.chars)
-            p_frames, p_bytes = frames.get("presence", 0), chars.get("presence", 0)
-            delivered = frames.get("presence", 0) + frames.get("welcome", 0)
-            entry = int(statistics.median(c.welcome_entry or 60 for c in room.listeners))
-            hyp = hypothetical_presence(n, entry)
-            if target in cfg.join_sizes or not complete:
-                results["join"].append(
-                    {
-                        "n": n,
-                        "target": target,
-                        "complete": complete,
-                        "seconds": rnd(active, 3),
-                        "joins_per_s": rnd(n / active, 1),
-                        "presence_settle_s": rnd(settle_s, 3) if settle_s is not None else None,
-                        "welcome_bytes": chars.get("welcome", 0),
-                        "presence_frames": p_frames,
-                        "presence_bytes": p_bytes,
-                        "uncoalesced_delta_frames": hyp["frames"],
-                        "uncoalesced_delta_bytes": hyp["delta_bytes"],
-                        "full_list_resend_frames": hyp["frames"],
-                        "full_list_resend_bytes": hyp["full_list_bytes"],
-                        "full_list_bytes_ratio": rnd(hyp["full_list_bytes"] / max(1, p_bytes), 1),
-                        "full_list_frames_ratio": rnd(hyp["frames"] / max(1, p_frames), 1),
-                        "server_cpu_s": rnd(cpu_srv, 2),
-                        "bench_cpu_s": rnd(cpu_me, 2),
-                        "server_cpu_us_per_frame": rnd(cpu_srv * 1e6 / max(1, delivered), 1),
-                        "stuck_batch": room.stuck,
-                        "settled": settle_s is not None,
-                        "dropped_clients": len(room.listeners) - len(room.open_listeners),
-                        "close_codes": dict(
-                            Counter(c.close_code for c in room.listeners if c.close_code)
-                        ),
-                        "server_connections": health.get("connections"),
-                    }
-                )
-            due_memory = target in cfg.memory_sizes or cfg.memory_sizes[-1] > n
-            due_fanout = target in cfg.fanout_sizes or cfg.fanout_sizes[-1] > n
-            if fresh and (target in cfg.memory_sizes or (not complete and due_memory)):
-                await trio.sleep(0.5)
-                rss1 = server.rss_kib()
-                results["memory"].append(
-                    {
-                        "n": n,
-                        "complete": complete,
-                        "rss_before_kib": rss0,
-                        "rss_after_kib": rss1,
-                        "hwm_kib": server.hwm_kib(),
-                        "kib_per_conn": rnd((rss1 - rss0) / n, 2),
-                    }
-                )
-            if fresh and (target in cfg.fanout_sizes or (not complete and due_fanout)):
-                print(f"# fan-out at {n} ...", file=sys.stderr, flush=True)
-                fan = await fanout(room, cfg.seeks)
-                fan["complete"] = complete
-                results["fanout"].append(fan)
-            if not complete:
-                why = (
-                    f"a batch was not seated within {PHASE_TIMEOUT_S:.0f} s"
-                    if room.stuck
-                    else "presence did not settle"
-                    if settle_s is None
-                    else f"fill budget {cfg.fill_budget:.0f} s spent"
-                )
-                results["errors"].append(
-                    {"phase": "fill", "error": f"stopped at {n} of {target}: {why}"}
-                )
-                break
-    results["server_log_slow_client_lines"] = server.log_lines("dropping slow client")
-
-
-async def run_stall_round(cfg: Config, stalled: int, seeks: int, watch: bool) -> dict[str, Any]:
-    tag = f"stall{stalled}-{len(cfg.stop_seconds)}"
-    async with scenario(cfg, tag) as room:
-        server = room.server
-        await room.open_host()
-        await room.fill(STALL_LISTENERS - stalled, cfg.batch)
-        await room.add_stalled(stalled)
-        await room.settle()
-        await prime(room, PRIME_FRAMES)
-        ports = {s.port for s in room.stalled}
+        out["stalled_open"] = seat["stalled_open"]
+        load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": QUIET_TIMEOUT_S})
+        # Fill the stalled pipes: big states (long URL and title).
+        url = "/media/" + "p" * 2000 + ".mp3"
+        prime = [
+            {"type": "set_track", "url": url, "title": f"{i:03d}" + "t" * 190}
+            for i in range(PRIME_FRAMES)
+        ]
+        load.call(0, {"cmd": "changes", "msgs": prime, "interval": PRIME_INTERVAL_S})
+        v0 = int(load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": 30})["host_version"])
+        info = load.call(0, {"cmd": "stalled_info"})
+        ports = set(info["ports"])
         send_q, recv_q = tcp_queues(server.port, ports) if ports else (0, 0)
-        unread = unread_bytes(room.stalled)
-        stall_start = clock()
-        fan = await fanout(room, seeks)
-        health = await healthz(server.port)
-        out: dict[str, Any] = {
-            "stalled": stalled,
-            "fanout": fan,
-            "stalled_server_send_queue_bytes": send_q,
-            "stalled_client_recv_queue_bytes": max(recv_q, unread),
-            "connections_after": health.get("connections"),
-        }
+        start = clock()
+        seeks = [{"type": "seek", "position": float(i + 1)} for i in range(cfg.stall_seeks)]
+        fan = measure_changes(load, server, seeks, STALL_SEEK_INTERVAL_S, v0)
+        out.update(
+            fanout=fan,
+            stalled_server_send_queue_bytes=send_q,
+            stalled_client_recv_queue_bytes=max(recv_q, int(info["unread"])),
+            connections_after=server.healthz().get("connections"),
+        )
         if watch and stalled:
-            # Does the server drop the stalled clients (4008 after its send timeout)?
-            want = 1 + len(room.listeners)
+            want = 1 + fan["open_listeners"]
             dropped_at = None
-            while clock() < stall_start + cfg.drop_watch:
-                if (await healthz(server.port)).get("connections") == want:
-                    dropped_at = clock() - stall_start
+            while clock() < start + cfg.drop_watch:
+                if server.healthz().get("connections") == want:
+                    dropped_at = clock() - start
                     break
-                await trio.sleep(0.25)
+                time.sleep(0.25)
             out["dropped_after_s"] = rnd(dropped_at, 2)
-            out["watched_s"] = rnd(clock() - stall_start, 1)
+            out["watched_s"] = rnd(clock() - start, 1)
             out["send_queue_at_end_bytes"] = tcp_queues(server.port, ports)[0]
-        out["slow_client_log_lines"] = server.log_lines("dropping slow client")
-    out["stop_s"] = rnd(cfg.stop_seconds[-1], 2)
+    finally:
+        if load is not None:
+            load.close()
+        cfg.stop_seconds.append(server.stop())
+        out["stop_s"] = rnd(cfg.stop_seconds[-1], 2)
+        out["slow_client_log_lines"] = server.log_count("dropping slow client")
     return out
 
 
-# -- main ------------------------------------------------------------------------
-
-
-@dataclass
-class Config:
-    quick: bool
-    source: Path
-    workdir: Path
-    batch: int
-    join_sizes: list[int]
-    fanout_sizes: list[int]
-    memory_sizes: list[int]
-    seeks: int
-    fill_budget: float
-    stall_rounds: int
-    stall_seeks: int
-    drop_watch: float
-    total_budget: float
-    started: float = field(default_factory=clock)
-    stop_seconds: list[float] = field(default_factory=list)
-
-
-def make_config(args: argparse.Namespace, workdir: Path) -> Config:
-    if args.quick:
-        cfg = Config(
-            quick=True,
-            source=args.source.resolve(),
-            workdir=workdir,
-            batch=args.batch,
-            join_sizes=[300],
-            fanout_sizes=[100, 300],
-            memory_sizes=[300],
-            seeks=10,
-            fill_budget=10.0,
-            stall_rounds=1,
-            stall_seeks=8,
-            drop_watch=0.0,
-            total_budget=28.0,
-        )
-    else:
-        cfg = Config(
-            quick=False,
-            source=args.source.resolve(),
-            workdir=workdir,
-            batch=args.batch,
-            join_sizes=[500, 2000, 5000],
-            fanout_sizes=[100, 1000, 5000],
-            memory_sizes=[1000, 5000],
-            seeks=30,
-            fill_budget=55.0,
-            stall_rounds=2,
-            stall_seeks=20,
-            drop_watch=DROP_WATCH_S,
-            total_budget=170.0,
-        )
-    if args.fill_budget:
-        cfg.fill_budget = args.fill_budget
-    if args.seeks:
-        cfg.seeks = args.seeks
-    if args.stall_rounds:
-        cfg.stall_rounds = args.stall_rounds
-    return cfg
-
-
-async def run(cfg: Config) -> dict[str, Any]:
-    results: dict[str, Any] = {"join": [], "fanout": [], "memory": [], "stall": {}, "errors": []}
-    try:
-        await run_growth(cfg, results)
-    except Exception as exc:  # keep going: report what failed
-        results["errors"].append({"phase": "growth", "error": repr(exc)})
+def run_stall(cfg: Config, errors: list[dict[str, Any]]) -> dict[str, Any]:
     rounds: dict[int, list[dict[str, Any]]] = {0: [], STALLED: []}
     for i in range(cfg.stall_rounds):
-        left = cfg.total_budget - (clock() - cfg.started)
-        if i > 0 and left < STALL_PAIR_S + (cfg.drop_watch if i == cfg.stall_rounds - 1 else 0):
-            results["errors"].append({"phase": "stall", "error": f"time budget: {i} round(s)"})
-            break
         for stalled in (0, STALLED):
             print(f"# stall round {i} stalled={stalled} ...", file=sys.stderr, flush=True)
             watch = i == cfg.stall_rounds - 1 and cfg.drop_watch > 0
             try:
-                rounds[stalled].append(await run_stall_round(cfg, stalled, cfg.stall_seeks, watch))
-            except Exception as exc:
-                results["errors"].append({"phase": f"stall{stalled}-{i}", "error": repr(exc)})
+                rounds[stalled].append(stall_round(cfg, stalled, watch, f"stall{stalled}-{i}"))
+            except (OSError, RuntimeError, TimeoutError, EOFError, KeyError) as exc:
+                errors.append({"phase": f"stall{stalled}-{i}", "error": repr(exc)})
     clean = [r["fanout"]["p95_ms"] for r in rounds[0]]
     stalled_p95 = [r["fanout"]["p95_ms"] for r in rounds[STALLED]]
-    if clean and stalled_p95:
-        c, s = statistics.median(clean), statistics.median(stalled_p95)
-        results["stall"] = {
-            "listeners": STALL_LISTENERS,
-            "stalled": STALLED,
-            "rounds": cfg.stall_rounds,
-            "seeks_per_round": cfg.stall_seeks,
-            "p95_clean_ms": rnd(c),
-            "p95_stalled_ms": rnd(s),
-            "ratio": rnd(s / c, 2) if c else None,
-            "p95_clean_rounds_ms": clean,
-            "p95_stalled_rounds_ms": stalled_p95,
-            "stalled_rounds": [
-                {k: v for k, v in r.items() if k != "fanout"} | {"fanout_n": r["fanout"]["n"]}
-                for r in rounds[STALLED]
-            ],
-        }
-    return results
+    if not (clean and stalled_p95):
+        return {}
+    c, s = statistics.median(clean), statistics.median(stalled_p95)
+    return {
+        "listeners": STALL_LISTENERS,
+        "stalled": STALLED,
+        "rounds": cfg.stall_rounds,
+        "seeks_per_round": cfg.stall_seeks,
+        "p95_clean_ms": rnd(c),
+        "p95_stalled_ms": rnd(s),
+        "ratio": rnd(s / c, 2) if c else None,
+        "p95_clean_rounds_ms": clean,
+        "p95_stalled_rounds_ms": stalled_p95,
+        "missing_stalled_rounds": [r["fanout"]["missing"] for r in rounds[STALLED]],
+        "stalled_rounds": [
+            {k: v for k, v in r.items() if k != "fanout"} | {"fanout_n": r["fanout"]["listeners"]}
+            for r in rounds[STALLED]
+        ],
+    }
+
+
+# -- aggregation -------------------------------------------------------------------
+
+
+def summarize(
+    cfg: Config, runs: list[dict[tuple[str, int], dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Median over runs per (server, N), and musicsync / reference ratios per run."""
+    rows = []
+    for n in cfg.sizes:
+        for kind in KINDS:
+            got = [r[(kind, n)] for r in runs if (kind, n) in r and "fanout" in r[(kind, n)]]
+            if not got:
+                continue
+            fan = [g["fanout"] for g in got]
+            row: dict[str, Any] = {
+                "server": kind,
+                "n": n,
+                "runs": len(got),
+                "seat_s": rnd(median([g["seat_s"] for g in got]), 2),
+                "seat_complete": all(g["seat_complete"] for g in got),
+                "p50_ms": rnd(median([f["p50_ms"] for f in fan])),
+                "p99_ms": rnd(median([f["p99_ms"] for f in fan])),
+                "max_ms": rnd(median([f["max_ms"] for f in fan])),
+                "last_listener_median_ms": rnd(median([f["last_listener_median_ms"] for f in fan])),
+                "every_change_to_everyone": all(
+                    g["seat_complete"] and f["complete"] for g, f in zip(got, fan, strict=True)
+                ),
+                "missing": [f["missing"] for f in fan],
+                "server_cpu_us_per_frame": rnd(median([f["server_cpu_us_per_frame"] for f in fan])),
+                "client_cpu_us_per_frame": rnd(median([f["client_cpu_us_per_frame"] for f in fan])),
+                "kib_per_conn": rnd(median([g["kib_per_conn"] for g in got])),
+            }
+            if kind == "musicsync":
+                ratios: dict[str, list[float | None]] = {"p50": [], "p99": [], "cpu": []}
+                for r in runs:
+                    a, b = r.get(("musicsync", n)), r.get(("reference", n))
+                    if not (a and b and "fanout" in a and "fanout" in b):
+                        continue
+                    for key, field_ in (
+                        ("p50", "p50_ms"),
+                        ("p99", "p99_ms"),
+                        ("cpu", "server_cpu_us_per_frame"),
+                    ):
+                        x, y = a["fanout"][field_], b["fanout"][field_]
+                        ratios[key].append(rnd(x / y, 3) if x is not None and y else None)
+                row["ratio_runs"] = ratios
+                for key in ratios:
+                    row[f"ratio_{key}"] = rnd(median(ratios[key]), 3)
+                row["goals"] = row_goals(row)
+            rows.append(row)
+    return rows
+
+
+def row_goals(row: dict[str, Any]) -> dict[str, bool | None]:
+    """The issue's goals that apply to this musicsync row."""
+    n = row["n"]
+    g: dict[str, bool | None] = {}
+    cpu = row["server_cpu_us_per_frame"]
+    g["cpu_per_frame_le_15us"] = cpu is not None and cpu <= GOAL_CPU_US
+    kib = row["kib_per_conn"]
+    g["idle_conn_lt_30kib"] = kib is not None and kib < GOAL_IDLE_KIB
+    p99 = row["p99_ms"]
+    if n == 5000:
+        g["p99_le_60ms_every_change"] = (
+            p99 is not None and p99 <= GOAL_P99_5000_MS and row["every_change_to_everyone"]
+        )
+        ratios = [row.get("ratio_p50"), row.get("ratio_p99"), row.get("ratio_cpu")]
+        known = [r for r in ratios if r is not None]
+        g["ratio_le_1"] = len(known) == 3 and max(known) <= GOAL_RATIO
+        g["ratio_le_0.5"] = len(known) == 3 and max(known) <= GOAL_RATIO_NEXT
+    if n == 10000:
+        seat = row["seat_s"]
+        g["seated_lt_20s_p99_lt_150ms"] = (
+            row["seat_complete"]
+            and seat is not None
+            and seat < GOAL_SEAT_10000_S
+            and p99 is not None
+            and p99 < GOAL_P99_10000_MS
+        )
+    return g
+
+
+def yes_no(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def mark(ok: bool | None) -> str:
+    return "-" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def print_tables(res: dict[str, Any]) -> None:
-    print("\nJoin cost (one room filled from empty; seated = welcome; pauses at checkpoints)")
     print(
-        f"{'N':>6} {'seconds':>8} {'joins/s':>8} {'welcome MB':>10} {'presence':>9} "
-        f"{'pres. MB':>9} {'full-list':>10} {'full-list MB':>12} {'bytes x':>8} "
-        f"{'srv cpu s':>9} {'bench cpu s':>11} {'srv us/frame':>12}"
+        f"\nFan-out: {res['changes']} host changes {res['interval_s'] * 1000:.0f} ms apart, "
+        f"one room; median of {res['runs']} run(s); delays in ms, host send -> state arrival"
     )
-    for j in res["join"]:
-        mark = "" if j["complete"] else f"  (target {j['target']}: budget spent)"
+    head = (
+        f"{'server':>10} {'N':>6} {'seat s':>7} {'p50':>7} {'p99':>7} {'max':>7} "
+        f"{'all got all':>11} {'srv us/fr':>9} {'cli us/fr':>9} {'KiB/conn':>8} "
+        f"{'x p50':>6} {'x p99':>6} {'x cpu':>6}  goals"
+    )
+    print(head)
+    for r in res["rows"]:
+        goals = r.get("goals", {})
+        gtxt = " ".join(f"{k}={mark(v)}" for k, v in goals.items())
         print(
-            f"{j['n']:>6} {j['seconds']:>8.2f} {j['joins_per_s']:>8.1f} "
-            f"{j['welcome_bytes'] / 1e6:>10.1f} {j['presence_frames']:>9} "
-            f"{j['presence_bytes'] / 1e6:>9.1f} {j['full_list_resend_frames']:>10} "
-            f"{j['full_list_resend_bytes'] / 1e6:>12.0f} {j['full_list_bytes_ratio']:>8.0f} "
-            f"{j['server_cpu_s']:>9.2f} {j['bench_cpu_s']:>11.2f} "
-            f"{j['server_cpu_us_per_frame']:>12.1f}{mark}"
+            f"{r['server']:>10} {r['n']:>6} {fmt(r['seat_s'], '.2f'):>7} "
+            f"{fmt(r['p50_ms'], '.1f'):>7} {fmt(r['p99_ms'], '.1f'):>7} "
+            f"{fmt(r['max_ms'], '.1f'):>7} {yes_no(r['every_change_to_everyone']):>11} "
+            f"{fmt(r['server_cpu_us_per_frame'], '.1f'):>9} "
+            f"{fmt(r['client_cpu_us_per_frame'], '.1f'):>9} {fmt(r['kib_per_conn'], '.1f'):>8} "
+            f"{fmt(r.get('ratio_p50'), '.2f'):>6} {fmt(r.get('ratio_p99'), '.2f'):>6} "
+            f"{fmt(r.get('ratio_cpu'), '.2f'):>6}  {gtxt}"
         )
     print(
-        "  presence = presence frames received by all clients (coalesced deltas);"
-        "\n  full-list = frames/bytes if every join re-sent the whole participant list"
-        " to everyone;\n  bytes x = full-list bytes / measured presence bytes;"
-        " srv us/frame = server CPU per welcome+presence frame delivered"
+        "  seat s = seconds to seat N listeners (welcome received); all got all = every listener"
+        " got every change in every run;\n  srv us/fr = server CPU per delivered state frame;"
+        " cli us/fr = the load client's CPU per frame (it must stay below the server's);"
+        "\n  KiB/conn = server VmRSS per idle connection; x = musicsync / reference, same run"
     )
-    print("\nFan-out latency (host seek -> each listener's state, ms; pooled over seeks)")
-    print(
-        f"{'N':>6} {'seeks':>6} {'samples':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} "
-        f"{'last/seek':>10} {'superseded':>10} {'missing':>8} {'srv ms/seek':>11} "
-        f"{'bench ms/seek':>13}"
-    )
-    for f in res["fanout"]:
-        print(
-            f"{f['n']:>6} {f['seeks']:>6} {f['samples']:>8} {f['p50_ms']:>8.1f} "
-            f"{f['p95_ms']:>8.1f} {f['p99_ms']:>8.1f} {f['max_ms']:>8.1f} "
-            f"{f['last_listener_median_ms']:>10.1f} {f['superseded']:>10} {f['missing']:>8} "
-            f"{f['server_cpu_ms_per_seek']:>11.1f} {f['bench_cpu_ms_per_seek']:>13.1f}"
-        )
-    print(
-        "  last/seek = median over seeks of the slowest listener's delay;"
-        " superseded = got a newer state first"
-    )
-    print("\nMemory per idle connection (server VmRSS)")
-    print(f"{'N':>6} {'before MiB':>10} {'after MiB':>10} {'peak MiB':>9} {'KiB/conn':>9}")
-    for m in res["memory"]:
-        print(
-            f"{m['n']:>6} {m['rss_before_kib'] / 1024:>10.1f} {m['rss_after_kib'] / 1024:>10.1f} "
-            f"{m['hwm_kib'] / 1024:>9.1f} {m['kib_per_conn']:>9.1f}"
-        )
+    print("\nGoals (issue 11), musicsync:")
+    for name, ok in res["goals"].items():
+        print(f"  {mark(ok):>4}  {name}")
     s = res["stall"]
     if s:
         print(
@@ -921,42 +669,135 @@ def print_tables(res: dict[str, Any]) -> None:
         print(f"NOTE {e['phase']}: {e['error']}")
 
 
+def overall_goals(rows: list[dict[str, Any]]) -> dict[str, bool | None]:
+    ms = {r["n"]: r for r in rows if r["server"] == "musicsync"}
+    out: dict[str, bool | None] = {}
+    cpu = [r["goals"]["cpu_per_frame_le_15us"] for r in ms.values()]
+    out[f"server CPU per delivered frame <= {GOAL_CPU_US:.0f} us (every N)"] = (
+        all(cpu) if cpu else None
+    )
+    r5 = ms.get(5000, {}).get("goals", {})
+    out[f"5000: p99 <= {GOAL_P99_5000_MS:.0f} ms, every change to everyone"] = r5.get(
+        "p99_le_60ms_every_change"
+    )
+    r10 = ms.get(10000, {}).get("goals", {})
+    out[f"10000: seated < {GOAL_SEAT_10000_S:.0f} s, p99 < {GOAL_P99_10000_MS:.0f} ms"] = r10.get(
+        "seated_lt_20s_p99_lt_150ms"
+    )
+    kib = [r["goals"]["idle_conn_lt_30kib"] for n, r in ms.items() if n >= 2000]
+    out[f"idle connection < {GOAL_IDLE_KIB:.0f} KiB (N >= 2000)"] = all(kib) if kib else None
+    out["5000: ratio <= 1 (p50, p99, CPU/frame)"] = r5.get("ratio_le_1")
+    out["5000: ratio <= 0.5 (p50, p99, CPU/frame)"] = r5.get("ratio_le_0.5")
+    return out
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def make_config(args: argparse.Namespace, workdir: Path) -> Config:
+    quick = bool(args.quick)
+    cfg = Config(
+        quick=quick,
+        source=args.source.resolve(),
+        workdir=workdir,
+        sizes=[500, 2000] if quick else [500, 2000, 5000, 10000],
+        runs=1 if quick else 3,
+        changes=10 if quick else 20,
+        interval=CHANGE_INTERVAL_S,
+        batch=args.batch,
+        procs=args.procs,
+        seat_budget=15.0 if quick else 40.0,
+        stall_rounds=1 if quick else 2,
+        stall_seeks=8 if quick else 20,
+        drop_watch=0.0 if quick else DROP_WATCH_S,
+        total_budget=55.0 if quick else 570.0,
+    )
+    if args.sizes:
+        cfg.sizes = [int(x) for x in args.sizes.split(",")]
+    if args.runs:
+        cfg.runs = args.runs
+    if args.changes:
+        cfg.changes = args.changes
+    if args.stall_rounds is not None:
+        cfg.stall_rounds = args.stall_rounds
+    return cfg
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    errors: list[dict[str, Any]] = []
+    runs: list[dict[tuple[str, int], dict[str, Any]]] = []
+    durations: list[float] = []
+    stall_reserve = 0.0 if cfg.stall_rounds == 0 else (12.0 * cfg.stall_rounds + cfg.drop_watch)
+    for i in range(cfg.runs):
+        left = cfg.total_budget - (clock() - cfg.started) - stall_reserve
+        if durations and left < max(durations):
+            errors.append({"phase": f"run {i}", "error": f"time budget: {i} run(s) done"})
+            break
+        t0 = clock()
+        got: dict[tuple[str, int], dict[str, Any]] = {}
+        for n in cfg.sizes:
+            order = KINDS if i % 2 == 0 else KINDS[::-1]
+            for kind in order:
+                print(f"# run {i}: {kind} with {n} listeners ...", file=sys.stderr, flush=True)
+                try:
+                    got[(kind, n)] = measure_size(cfg, kind, n, f"{kind}-{n}-{i}")
+                except (OSError, RuntimeError, TimeoutError, EOFError, KeyError) as exc:
+                    errors.append({"phase": f"run {i} {kind} {n}", "error": repr(exc)})
+        runs.append(got)
+        durations.append(clock() - t0)
+    stall = run_stall(cfg, errors) if cfg.stall_rounds else {}
+    rows = summarize(cfg, runs)
+    return {
+        "changes": cfg.changes,
+        "interval_s": cfg.interval,
+        "runs": len(runs),
+        "rows": rows,
+        "goals": overall_goals(rows),
+        "per_run": [list(r.values()) for r in runs],
+        "stall": stall,
+        "errors": errors,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under ~30 s")
+    parser.add_argument("--quick", action="store_true", help="500 and 2000, one run: ~1 min")
+    parser.add_argument("--runs", type=int, default=0, help="runs to take the median of (3)")
+    parser.add_argument("--sizes", default="", help="listener counts, e.g. 500,2000,5000,10000")
+    parser.add_argument("--changes", type=int, default=0, help="host changes per size (20)")
+    parser.add_argument("--batch", type=int, default=100, help="connections in flight (100)")
+    parser.add_argument("--procs", type=int, default=1, help="load client processes (1)")
+    parser.add_argument("--stall-rounds", type=int, default=None, help="scenario 4 rounds (2)")
     parser.add_argument(
         "--source", type=Path, default=REPO, help="tree to import musicsync from (default: repo)"
     )
-    parser.add_argument("--batch", type=int, default=100, help="connections in flight at once")
-    parser.add_argument("--seeks", type=int, default=0, help="seeks per fan-out size")
-    parser.add_argument("--fill-budget", type=float, default=0.0, help="seconds of filling")
-    parser.add_argument("--stall-rounds", type=int, default=0)
     args = parser.parse_args()
 
     soft, hard = raise_fd_limit()
-    load_start = os.getloadavg()[0]
+    load_start = os.getloadavg()
     t0 = clock()
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         cfg = make_config(args, Path(tmp))
-        need = max(cfg.join_sizes + cfg.fanout_sizes) + 64
+        need = max(cfg.sizes) + 64
         if soft < need:
             print(f"warning: RLIMIT_NOFILE {soft} < {need}", file=sys.stderr)
-        res = trio.run(run, cfg)
+        res = run(cfg)
     elapsed = clock() - t0
     print_tables(res)
-    print(f"\nelapsed {elapsed:.1f} s; server stops took {[round(s, 2) for s in cfg.stop_seconds]}")
+    load_end = os.getloadavg()
+    print(f"\nelapsed {elapsed:.1f} s; load average {load_end[0]:.2f} (start {load_start[0]:.2f})")
     summary = {
         "bench": "fanout",
         "quick": cfg.quick,
         "elapsed_s": rnd(elapsed, 1),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "loadavg_1m_start": rnd(load_start, 2),
-        "loadavg_1m_end": rnd(os.getloadavg()[0], 2),
+        "loadavg_start": [rnd(x, 2) for x in load_start],
+        "loadavg_end": [rnd(x, 2) for x in load_end],
         "nofile": [soft, hard],
         "batch": cfg.batch,
-        "seek_rate_per_s": SEEK_RATE,
-        "fill_budget_s": cfg.fill_budget,
+        "client_procs": cfg.procs,
+        "sizes": cfg.sizes,
         **res,
         "server_stop_s": [rnd(s, 2) for s in cfg.stop_seconds],
     }
