@@ -17,11 +17,13 @@ Per browser:
   in the same room hears the same thing; a seek and a pause/resume from the host
   take effect.
 
-Two allowances for this shared, often loaded 2-core machine, each printed as a
-WARNING when used: a test whose Firefox hung (FirefoxHung: its audio server,
-not the page) runs once more in a fresh Firefox, and a measuring window whose
-median misses the bound (a starved audio stream underrunning) is measured once
-more. These tests found two WebKitGTK client bugs, both fixed in the page:
+One allowance for this shared, often loaded 2-core machine, printed as a
+WARNING when used: a measuring window whose median misses the bound (a starved
+audio stream underrunning) is measured once more. A Firefox that stops
+answering fails the test (FirefoxHung): these tests found the page's first
+output-latency query deadlocking Firefox under PulseAudio (see the page's
+LATENCY_QUERY_MAY_HANG); the page no longer makes it. They also found two
+WebKitGTK client bugs, both fixed in the page:
 getOutputTimestamp() running at twice real time (createOutputClock now falls
 back to currentTime - latency when a timestamp is ahead of now()), and an
 <audio> element whose readyState stays 2 after a seek while it plays on
@@ -61,7 +63,6 @@ from .other_browsers.drivers import (
     INJECT_UNCAUGHT_ERROR_JS,
     PULSEAUDIO,
     FirefoxBrowser,
-    FirefoxHung,
     NullAudio,
     WebKitBrowser,
     missing_firefox,
@@ -135,11 +136,7 @@ def null_audio() -> Iterator[NullAudio]:
 
 
 class Browsers:
-    """Launches the browsers: WebKit once per module; Firefox fresh for each test.
-
-    A fresh Firefox per test keeps a hang of its audio server (see FirefoxHung)
-    to the one test, which then runs once more in another fresh Firefox.
-    """
+    """Launches the browsers: WebKit once per module; Firefox fresh for each test."""
 
     def __init__(self, audio: NullAudio, logs: Path) -> None:
         self.audio = audio
@@ -160,19 +157,13 @@ class Browsers:
         return FirefoxBrowser(log_dir, self.audio.env)
 
     def run(self, name: str, body: Any) -> Any:
-        """``body(browser)``; once more in a fresh Firefox if Firefox hung."""
-        for attempt in (1, 2):
-            browser = self.launch(name)
-            try:
-                return body(browser)
-            except FirefoxHung as exc:
-                if attempt == 2:
-                    raise
-                print(f"\nWARNING: {exc.args[0].splitlines()[0]}; once more in a fresh Firefox")
-            finally:
-                if name == "firefox":
-                    browser.close()
-        raise AssertionError("unreachable")
+        """``body(browser)``, in a fresh Firefox for each test."""
+        browser = self.launch(name)
+        try:
+            return body(browser)
+        finally:
+            if name == "firefox":
+                browser.close()
 
     def close(self) -> None:
         if self.webkit is not None:

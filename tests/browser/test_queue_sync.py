@@ -29,12 +29,12 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from .audible import TRACE_DRAIN_JS, open_traced_page
 from .conftest import (
     TRACK_RATE,
     DelayProxy,
     ServerProcess,
     expected_position,
-    open_skewed_page,
     percentile,
     probe,
     serving,
@@ -208,6 +208,8 @@ class Change:
     # the latest reading (s after start_at) that showed a page not yet on B
     last_missing: list[float] = field(default_factory=list)
     wrong: list[str] = field(default_factory=list)
+    # every page's probe readings: (s after start_at, valid, clock offset, drift, correction)
+    series: list[list[tuple[float, bool, float, float, str]]] = field(default_factory=list)
 
     def spreads(self, lo_s: float, hi_s: float) -> list[float]:
         out = []
@@ -231,7 +233,12 @@ def measure_change(pages: list[Any], b_url: str, b_state: dict[str, Any], grace_
     its round is just left out.
     """
     start_at = float(b_state["start_at"])
-    change = Change(start_at, first_valid=[None] * len(pages), last_missing=[0.0] * len(pages))
+    change = Change(
+        start_at,
+        first_valid=[None] * len(pages),
+        last_missing=[0.0] * len(pages),
+        series=[[] for _ in pages],
+    )
     while True:
         samples = [probe(p) for p in pages]
         true_now = max((s or {}).get("trueAt", 0.0) for s in samples)
@@ -241,6 +248,17 @@ def measure_change(pages: list[Any], b_url: str, b_state: dict[str, Any], grace_
         if since < 0:
             time.sleep(0.01)
             continue
+        for i, s in enumerate(samples):
+            got = s or {}
+            change.series[i].append(
+                (
+                    (got.get("trueAt", true_now) - start_at) / 1000,
+                    bool(got.get("valid")),
+                    float(got.get("clockOffset") or math.nan),
+                    float(got.get("drift") or math.nan),
+                    str((got.get("why") or {}).get("correction", "")),
+                )
+            )
         ok = True
         errs: list[float] = []
         absolute: list[float] = []
@@ -252,7 +270,8 @@ def measure_change(pages: list[Any], b_url: str, b_state: dict[str, Any], grace_
                     got = s or {}
                     change.wrong.append(
                         f"page{i} at +{since:.2f}s: no valid output reading"
-                        f" (version {got.get('version')}, position {got.get('position')})"
+                        f" (version {got.get('version')}, position {got.get('position')},"
+                        f" why {got.get('why')})"
                     )
                 ok = False
                 continue
@@ -281,6 +300,33 @@ def measure_change(pages: list[Any], b_url: str, b_state: dict[str, Any], grace_
         time.sleep(SAMPLE_INTERVAL_S)
 
 
+def explain(
+    change: Change, traces: list[list[list[Any]]], consoles: list[list[str]], pages: list[int]
+) -> str:
+    """What the named pages asked of the audio APIs around the change, and what they logged."""
+    out = []
+    for i in sorted(set(pages)):
+        events = [
+            f"{e[0]}@{(e[1] - change.start_at) / 1000:+.3f}s {e[2:]}"
+            for e in traces[i]
+            if -5000 < e[1] - change.start_at < STEADY_S[1] * 1000
+        ]
+        out.append(f"\n  page{i} audio API trace (s after start_at): {events[-40:]}")
+        out.append(f"\n  page{i} console: {consoles[i][-10:]}")
+        first_wrong = min(
+            float(w.split("+", 1)[1].split("s", 1)[0])
+            for w in change.wrong
+            if w.startswith(f"page{i} ")
+        )
+        readings = [
+            f"{t:+.2f} {'ok' if ok else '--'} off={off:.2f} drift={d:.1f} {why}".rstrip()
+            for t, ok, off, d, why in change.series[i]
+            if first_wrong - 0.6 <= t <= first_wrong + 1.0
+        ]
+        out.append(f"\n  page{i} readings (s, valid, clock offset ms, drift ms, why): {readings}")
+    return "".join(out)
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "n=0"
@@ -298,13 +344,17 @@ def test_next_track_starts_together_on_three_pages(
     ws_url = queue_server.url.replace("http://", "ws://") + f"/ws/{room}?name=host"
     t_begin = time.monotonic()
     pages: list[Any] = []
+    consoles: list[list[str]] = [[] for _ in SKEWS_MS]
+    traces: list[list[list[Any]]] = [[] for _ in SKEWS_MS]
     with HostSocket(ws_url) as host:
         assert host.welcome and host.welcome["you"]["role"] == "host", host.welcome
         try:
             pages = [
-                open_skewed_page(browser, room_url(queue_proxy, room, engine, f"page{i}"), skew)
+                open_traced_page(browser, room_url(queue_proxy, room, engine, f"page{i}"), skew)
                 for i, skew in enumerate(SKEWS_MS)
             ]
+            for i, page in enumerate(pages):
+                page.on("console", lambda m, i=i: consoles[i].append(f"{m.type}: {m.text}"))
             wait_clocks(pages)
             for page in pages:
                 assert probe(page)["engine"] == engine
@@ -331,6 +381,7 @@ def test_next_track_starts_together_on_three_pages(
             assert b_state["position"] == 0
             assert not host.errors, host.errors
             change = measure_change(pages, b_url, b_state, JOIN_BY_S[engine])
+            traces = [page.evaluate(TRACE_DRAIN_JS) for page in pages]
         finally:
             for page in pages:
                 page.context.close()
@@ -356,7 +407,9 @@ def test_next_track_starts_together_on_three_pages(
     )
 
     # (a) every page plays B, from soon after its start_at on
-    assert not change.wrong, f"{engine}: pages not playing B: {change.wrong[:5]}"
+    assert not change.wrong, f"{engine}: pages not playing B: {change.wrong[:5]}" + explain(
+        change, traces, consoles, [int(w.split(" ", 1)[0][4:]) for w in change.wrong]
+    )
     late = [t for t in change.first_valid if t is None or t > JOIN_BY_S[engine]]
     assert not late, f"{engine}: pages joined B late: {joined} ms"
     assert len(steady) >= 8, f"{engine}: too few valid rounds on B later ({len(steady)})"

@@ -179,15 +179,18 @@ class NullAudio:
 
 
 class FirefoxHung(RuntimeError):
-    """Firefox stopped answering: on this machine, its audio server stuck in PulseAudio.
+    """Firefox stopped answering a request: a test failure, never retried.
 
-    Firefox runs cubeb (PulseAudio) for every page in its parent process, behind
-    AudioIPC. Now and then, on a loaded machine, a stream start or stop there
-    blocks for good (the "AudioIPC Server RPC" thread waits on the PulseAudio
-    mainloop lock, the "threaded-ml" thread waits too), and every page whose
-    main thread makes a synchronous audio call hangs with it until Firefox kills
-    that content process. It is Firefox's, not the page's: the tests start a
-    fresh Firefox and try once more.
+    The one cause found so far was the page's: its first getOutputTimestamp()
+    (or outputLatency) made Firefox ask PulseAudio for the stream latency on the
+    page's main thread while holding the audio graph's lock (MediaTrackGraph's
+    monitor). Stacks taken with gdb from the hung processes: the content main
+    thread waiting for that AudioIPC reply, its GraphRunner waiting for the lock,
+    its AudioIPC callback thread waiting for the GraphRunner; in the parent the
+    PulseAudio "threaded-ml" thread inside the stream's write callback waiting
+    for that callback, and the "AudioIPC Server RPC" thread waiting for the
+    PulseAudio mainloop lock to answer the latency request: a deadlock. The page
+    no longer asks Firefox for its output latency (LATENCY_QUERY_MAY_HANG).
     """
 
 
