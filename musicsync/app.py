@@ -714,6 +714,8 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
             log.info("dropping slow client %s", client.id)
             return
         hub.stats.messages_out += 1
+        if isinstance(item, Frame):
+            client.saw(item)
         if item is client.state_frame:
             hub.metrics.broadcast_latency.observe(trio.current_time() - client.state_queued_at)
             client.state_frame = None

@@ -113,6 +113,8 @@ class Client:
         # The newest state frame handed to this client and when (broadcast latency).
         self.state_frame: Frame | None = None
         self.state_queued_at = 0.0
+        # The newest revision of the room's queue this client was sent.
+        self.queue_rev = 0
 
     def _ring(self) -> None:
         """Wake the writer (or make its next wait return at once)."""
@@ -144,10 +146,16 @@ class Client:
     def deliver_state(self, frame: Frame) -> bool:
         """Like ``deliver``, but a queued state is replaced by a newer one."""
         if self.send_now(frame):
+            self.saw(frame)
             return True
         self.state_frame, self.state_queued_at = frame, trio.current_time()
         self._guarded(self.outbox.push_state, frame)
         return False
+
+    def saw(self, frame: Frame) -> None:
+        """``frame`` reached the socket: note the queue it carried, if any."""
+        if frame.queue_rev is not None and frame.queue_rev > self.queue_rev:
+            self.queue_rev = frame.queue_rev
 
     def deliver_pong(self, t0: float, t1: float) -> None:
         try:
@@ -470,6 +478,7 @@ class Hub:
             client.id, client.token = effects[0].to, resume_token or client.token  # type: ignore[union-attr]
         entry.clients[client.id] = client
         entry.empty_since = None
+        client.queue_rev = room.queue_rev  # the welcome carries the whole queue
         self._apply(entry, effects)
 
     def participant_for_token(self, room_name: str, token: str) -> Participant | None:
@@ -568,30 +577,43 @@ class Hub:
                 if target is not None:
                     self.error(target, effect.code, effect.message)
             elif isinstance(effect, BroadcastState):
-                # encoded once (JSON and WebSocket frame) for everyone
-                self._fan_out(entry, Frame(encode("state", room=effect.state)), state=True)
+                self._fan_out_state(entry, effect)
             elif isinstance(effect, BroadcastPresence):
                 self._fan_out(entry, Frame(encode("presence", **effect.delta)))
         if entry.room.next_deadline() is not None:
             entry.wake()
 
-    def _fan_out(self, entry: RoomEntry, frame: Frame, *, state: bool = False) -> None:
+    def _fan_out(self, entry: RoomEntry, frame: Frame) -> None:
         """One frame to every client of a room, written socket by socket.
 
         No task is woken for a client whose socket takes the frame at once;
-        only a full socket queues it (newest state wins) for its writer.
+        only a full socket queues it for its writer.
         """
-        started = trio.current_time()
-        frame.wire  # noqa: B018 - framed once, before the loop
         direct = 0
-        if state:
-            for client in entry.clients.values():
-                direct += client.deliver_state(frame)
-        else:
-            for client in entry.clients.values():
-                direct += client.deliver(frame)
+        for client in entry.clients.values():
+            direct += client.deliver(frame)
         self.stats.messages_out += direct
-        if state and direct:
+
+    def _fan_out_state(self, entry: RoomEntry, effect: BroadcastState) -> None:
+        """A state to every client of a room, encoded once per variant (JSON and
+        frame): with the queue for clients not yet sent this revision of it,
+        without for everyone else. Written socket by socket, as ``_fan_out``;
+        a full socket's queued state is replaced by a newer one."""
+        rev = effect.queue_rev
+        light_state = {k: v for k, v in effect.state.items() if k != "queue"}
+        light = Frame(encode("state", room=light_state))
+        full: Frame | None = None
+        started = trio.current_time()
+        direct = 0
+        for client in entry.clients.values():
+            if client.queue_rev >= rev:
+                direct += client.deliver_state(light)
+                continue
+            if full is None:
+                full = Frame(encode("state", room=effect.state), queue_rev=rev)
+            direct += client.deliver_state(full)
+        self.stats.messages_out += direct
+        if direct:
             self.metrics.broadcast_latency.observe(trio.current_time() - started)
 
     def encode_pong(self, pong: PendingPong) -> Frame:

@@ -25,11 +25,13 @@ class Frame:
     """One outgoing text message, encoded once: its JSON text and, built on
     first use, its unmasked WebSocket frame (the same bytes for every client)."""
 
-    __slots__ = ("_wire", "text")
+    __slots__ = ("_wire", "queue_rev", "text")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, queue_rev: int | None = None) -> None:
         self.text = text
         self._wire: bytes | None = None
+        # a state that carries the room's queue: which revision of it
+        self.queue_rev = queue_rev
 
     @property
     def wire(self) -> bytes:

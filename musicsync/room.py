@@ -52,6 +52,7 @@ from .protocol import (
     TransferHost,
     Volume,
 )
+from .ratelimit import TokenBucket
 from .urls import BadURL, clean_title, validate_track_url
 
 MIN_LEAD_MS = 150.0
@@ -79,6 +80,10 @@ MAX_QUEUE_ITEMS = 500
 # Tracks shorter than this never advance the queue by themselves (queue_next does).
 MIN_ADVANCE_SECONDS = 0.5
 MAX_INVITES = 100
+# Control messages one room takes per second from all its senders together
+# (each connection also has 10/s of its own); past it: rate_limited.
+ROOM_CHANGES_PER_SECOND = 20.0
+ROOM_CHANGE_BURST = 40.0
 MS_PER_SECOND = 1000.0
 DEFAULT_VOLUME = 1.0
 
@@ -160,9 +165,15 @@ class Error:
 
 @dataclass(frozen=True)
 class BroadcastState:
-    """The room state changed; send it to everyone (the newest one wins)."""
+    """The room state changed; send it to everyone (the newest one wins).
+
+    ``queue_rev`` grows when the queue changed: a client that already has this
+    revision of the queue may get the state without it (a 500-item queue is
+    1 MB; a volume change need not resend it).
+    """
 
     state: dict[str, Any]
+    queue_rev: int = 0
 
 
 @dataclass(frozen=True)
@@ -254,6 +265,12 @@ class Room:
         self._worst_rtt: tuple[float, str] | None = None
         self._seq = 0
         self._presence = _PresenceDelta()
+        # Changes the whole room may take, whoever sends them: every connection has
+        # its own budget, but many co-hosts of one room must not flood its fan-out.
+        self._changes = TokenBucket(ROOM_CHANGES_PER_SECOND, ROOM_CHANGE_BURST)
+        # Which queue the last broadcast carried (see BroadcastState.queue_rev).
+        self.queue_rev = 0
+        self._queue_key: tuple[str, ...] = ()
 
     # -- queries -----------------------------------------------------------
 
@@ -651,9 +668,16 @@ class Room:
         if isinstance(msg, QueueAdd) and (
             sender.role in PLAYBACK_ROLES or self.settings.listeners_may_upload
         ):
+            if not self._changes.try_take(now / MS_PER_SECOND):
+                return [
+                    Error(pid, "rate_limited", "this room is changing too fast; try again soon")
+                ]
             return self.queue_add(sender, msg, now)
         if sender.role not in PLAYBACK_ROLES:
             return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
+        refused = self._over_budget(pid, now)
+        if refused:
+            return refused
         if isinstance(msg, Kick):
             return self.kick(pid, msg.id, now)
         if (
@@ -690,6 +714,12 @@ class Room:
         if isinstance(msg, QueueMode):
             return self._queue_mode(msg)
         raise TypeError(f"not a control message: {msg!r}")
+
+    def _over_budget(self, pid: str, now: float) -> list[Effect]:
+        """[] while the room may change, else the refusal (the room's own budget)."""
+        if self._changes.try_take(now / MS_PER_SECOND):
+            return []
+        return [Error(pid, "rate_limited", "this room is changing too fast; try again soon")]
 
     def _claim(self, sender: Participant, now: float) -> list[Effect]:
         if sender.role == HOST:
@@ -743,7 +773,11 @@ class Room:
             self.timeline = timeline
         self.version += 1
         self.revision += 1
-        return [BroadcastState(self.state())]
+        queue_key = tuple(item.id for item in self.queue)  # ids are never reused
+        if queue_key != self._queue_key:
+            self._queue_key = queue_key
+            self.queue_rev += 1
+        return [BroadcastState(self.state(), self.queue_rev)]
 
     def _set_track(self, sender: Participant, msg: SetTrack, now: float) -> list[Effect]:
         try:

@@ -110,7 +110,7 @@ async def test_late_joiner_snapshot(server: Server) -> None:
         state = await host.expect_state(version=3)
         async with connect(server, name="Late") as late:
             w = late.welcome
-            assert w["room"] == state
+            assert w["room"] == {**state, "queue": []}  # a welcome always has the queue
             assert w["room_name"] == "main"
             assert w["you"]["role"] == "listener"
             assert len(w["participants"]) == 3
@@ -442,3 +442,24 @@ async def test_a_playing_room_leaves_the_server_idle(server: Server) -> None:
         await trio.sleep(1.0)
         busy = (cpu_s() - cpu_start) / (trio.current_time() - wall_start)
         assert busy < 0.3, f"the server used {busy:.0%} of a core while one room just played"
+
+
+async def test_states_carry_the_queue_only_to_clients_that_lack_it(server: Server) -> None:
+    """A 1 MB queue is not resent with every volume change; a newcomer gets it once."""
+    async with connect(server, name="H") as host, connect(server, name="L") as listener:
+        await host.send("set_track", url=TRACK, title="Now", duration=200)
+        await listener.expect_state(version=1)
+        await host.send("queue_add", url="/media/b.wav", title="B")
+        queued = await listener.expect_state(version=2)
+        assert [item["title"] for item in queued["queue"]] == ["B"]
+        await host.send("volume", volume=0.5)
+        light = await listener.expect_state(version=3)
+        assert "queue" not in light and light["volume"] == 0.5
+        async with connect(server, name="Late") as late:
+            assert [item["title"] for item in late.welcome["room"]["queue"]] == ["B"]
+            await host.send("volume", volume=0.25)
+            assert "queue" not in await late.expect_state(version=4)
+            await host.send("queue_add", url="/media/c.wav", title="C")
+            for peer in (listener, late):
+                full = await peer.expect_state(version=5)
+                assert [item["title"] for item in full["queue"]] == ["B", "C"]

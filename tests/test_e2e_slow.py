@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from musicsync.clock import ServerClock
 from musicsync.config import Settings
 from musicsync.hub import CLOSE_HEARTBEAT, CLOSE_SLOW, Client, Hub
 from musicsync.outbox import Frame
+from musicsync.protocol import QueueAdd, SetTrack, Volume
 
 from .conftest import connect, make_settings, open_server
 
@@ -195,3 +197,36 @@ async def test_permessage_deflate_is_declined_by_default(tmp_path: Path) -> None
         assert headers[b"sec-websocket-extensions"].startswith(b"permessage-deflate")
     async with open_server(make_settings(tmp_path)) as server:
         assert b"sec-websocket-extensions" not in await handshake_headers(server.http)
+
+
+async def test_a_slow_client_never_misses_a_queue_change(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A full socket's outbox keeps only the newest state. States leave the queue
+    out for clients already sent it, so the one that replaces a queued state
+    that carried a queue change must carry it too."""
+    hub = Hub(Settings(), ServerClock(trio.current_time))
+    host, slow = Client("127.0.0.1", 8), Client("127.0.0.1", 8)  # no sockets: all queued
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        hub.join("main", host, "H")
+        hub.join("main", slow, "S")
+        track = "https://example.com/a.mp3"
+        for msg in (
+            SetTrack(url=track, title="Now", duration=200.0),
+            QueueAdd(url="https://example.com/b.mp3", title="B"),
+            Volume(volume=0.5),
+        ):
+            await hub.handle("main", host, msg)
+        frames = []
+        while (item := slow.outbox.pop()) is not None:
+            assert isinstance(item, Frame)
+            frames.append(json.loads(item.text))
+        states = [f["room"] for f in frames if f["type"] == "state"]
+        assert [s["version"] for s in states] == [3]  # newest wins
+        assert [q["title"] for q in states[0]["queue"]] == ["B"]  # and it has the queue
+        slow.saw(Frame("", queue_rev=hub.rooms["main"].room.queue_rev))  # it went out
+        await hub.handle("main", host, Volume(volume=0.25))
+        item = slow.outbox.pop()
+        assert isinstance(item, Frame) and "queue" not in json.loads(item.text)["room"]
+        nursery.cancel_scope.cancel()

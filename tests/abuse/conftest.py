@@ -89,13 +89,17 @@ class Arena:
 
     async def _read(self, who: str, peer: Peer) -> None:
         seen = self.seen[who]
+        queue = peer.welcome["room"]["queue"]
         try:
             while True:
                 msg = json.loads(await peer.conn.get_message())
                 now = trio.current_time()
                 kind = msg.get("type")
                 if kind == "state":
-                    seen.states.append((msg["room"]["version"], now, msg["room"]))
+                    # a state leaves the queue out when this client has it already
+                    room = msg["room"]
+                    queue = room.setdefault("queue", queue)
+                    seen.states.append((room["version"], now, room))
                 elif kind == "pong":
                     seen.rtts.append(now - msg["t0"] / 1000)
                 elif kind == "error":
