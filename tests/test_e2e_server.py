@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from musicsync.protocol import MAX_FRAME_BYTES
+from musicsync.protocol import MAX_FRAME_BYTES, Volume
 
 from .conftest import Server, connect, make_settings, open_server, open_ws
 
@@ -463,3 +464,30 @@ async def test_states_carry_the_queue_only_to_clients_that_lack_it(server: Serve
             for peer in (listener, late):
                 full = await peer.expect_state(version=5)
                 assert [item["title"] for item in full["queue"]] == ["B", "C"]
+
+
+async def test_a_broadcast_wakes_no_task_per_listener(server: Server) -> None:
+    """Sockets that take the frame at once get it from the fan-out loop itself:
+    no writer is woken. Only a client whose frames must queue wakes its writer."""
+    async with AsyncExitStack() as stack:
+        host = await stack.enter_async_context(connect(server, name="H"))
+        peers = [await stack.enter_async_context(connect(server, name=f"L{i}")) for i in range(20)]
+        await trio.sleep(0.2)  # presence settled; every writer asleep
+        entry = server.hub.rooms["main"]
+        room = entry.room
+        before = trio.lowlevel.current_statistics().tasks_runnable
+        sent = server.hub.stats.messages_out
+        server.hub._apply(
+            entry, room.handle(host.id, Volume(volume=0.5), server.hub.clock.now_ms())
+        )
+        woken = trio.lowlevel.current_statistics().tasks_runnable - before
+        assert hub.stats.messages_out - sent == 21  # all written directly...
+        assert woken == 0  # ...and nobody woken for it
+        queued = entry.clients[peers[0].id]
+        queued.sink = None  # as if its socket were full
+        server.hub._apply(
+            entry, room.handle(host.id, Volume(volume=0.25), server.hub.clock.now_ms())
+        )
+        assert trio.lowlevel.current_statistics().tasks_runnable - before == 1  # its writer only
+        for peer in peers:
+            assert (await peer.expect_state(version=2))["volume"] == 0.25
