@@ -473,21 +473,20 @@ async def test_a_broadcast_wakes_no_task_per_listener(server: Server) -> None:
         host = await stack.enter_async_context(connect(server, name="H"))
         peers = [await stack.enter_async_context(connect(server, name=f"L{i}")) for i in range(20)]
         await trio.sleep(0.2)  # presence settled; every writer asleep
-        entry = server.hub.rooms["main"]
-        room = entry.room
+        hub = server.hub
+        entry = hub.rooms["main"]
+
+        def change(volume: float) -> None:  # the hub's fan-out, synchronously
+            hub._apply(entry, entry.room.handle(host.id, Volume(volume=volume), hub.clock.now_ms()))
+
         before = trio.lowlevel.current_statistics().tasks_runnable
-        sent = server.hub.stats.messages_out
-        server.hub._apply(
-            entry, room.handle(host.id, Volume(volume=0.5), server.hub.clock.now_ms())
-        )
+        sent = hub.stats.messages_out
+        change(0.5)
         woken = trio.lowlevel.current_statistics().tasks_runnable - before
         assert hub.stats.messages_out - sent == 21  # all written directly...
         assert woken == 0  # ...and nobody woken for it
-        queued = entry.clients[peers[0].id]
-        queued.sink = None  # as if its socket were full
-        server.hub._apply(
-            entry, room.handle(host.id, Volume(volume=0.25), server.hub.clock.now_ms())
-        )
+        entry.clients[peers[0].id].sink = None  # as if its socket were full
+        change(0.25)
         assert trio.lowlevel.current_statistics().tasks_runnable - before == 1  # its writer only
         for peer in peers:
             assert (await peer.expect_state(version=2))["volume"] == 0.25
