@@ -61,6 +61,7 @@ clock = time.monotonic  # CLOCK_MONOTONIC, as in the client processes
 SERVER_START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 CLIENT_REPLY_TIMEOUT_S = 180.0  # one command of a client process
+READ_BYTES = 1 << 20
 QUIET_MS = 300  # "settled": no listener received anything for this long
 QUIET_TIMEOUT_S = 60.0
 RSS_SETTLE_S = 0.3  # after the room is quiet, before VmRSS is read
@@ -116,23 +117,31 @@ def raise_fd_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """One line of ``proc``'s stdout within ``timeout`` (raises TimeoutError / EOFError)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = clock() + timeout
-    buf = b""
-    while not buf.endswith(b"\n"):
-        left = deadline - clock()
-        if left <= 0:
-            raise TimeoutError(f"no reply within {timeout:.0f} s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 1)  # byte by byte: never read past the line
-            if not chunk:
-                raise EOFError(f"process {proc.pid} exited (status {proc.poll()})")
-            buf += chunk
-    return buf.decode(errors="replace")
+class LineReader:
+    """Lines of a child's stdout, each within a timeout (TimeoutError / EOFError)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+
+    def line(self, timeout: float) -> str:
+        deadline = clock() + timeout
+        chunks = [self.buf]
+        while b"\n" not in chunks[-1]:
+            left = deadline - clock()
+            if left <= 0:
+                self.buf = b"".join(chunks)
+                raise TimeoutError(f"no reply within {timeout:.0f} s")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, READ_BYTES)
+                if not chunk:
+                    raise EOFError(f"process {self.proc.pid} exited ({self.proc.poll()})")
+                chunks.append(chunk)
+        line, _, self.buf = b"".join(chunks).partition(b"\n")
+        return line.decode(errors="replace")
 
 
 # -- servers ---------------------------------------------------------------------
@@ -171,8 +180,9 @@ class Server:
                 self.command(), cwd=str(self.dir), env=env, stdout=subprocess.PIPE, stderr=log
             )
         deadline = clock() + SERVER_START_TIMEOUT_S
+        reader = LineReader(self.proc)
         while True:
-            line = read_line(self.proc, max(0.1, deadline - clock()))
+            line = reader.line(max(0.1, deadline - clock()))
             m = LISTENING.search(line)
             if m:
                 self.port = int(m.group(1))
@@ -241,6 +251,7 @@ class Load:
             for i in range(procs)
         ]
         self.pids = [p.pid for p in self.procs]
+        self.readers = [LineReader(p) for p in self.procs]
 
     def send(self, i: int, cmd: dict[str, Any]) -> None:
         stdin = self.procs[i].stdin
@@ -249,7 +260,7 @@ class Load:
         stdin.flush()
 
     def recv(self, i: int, timeout: float = CLIENT_REPLY_TIMEOUT_S) -> dict[str, Any]:
-        return json.loads(read_line(self.procs[i], timeout))  # type: ignore[no-any-return]
+        return json.loads(self.readers[i].line(timeout))  # type: ignore[no-any-return]
 
     def call(self, i: int, cmd: dict[str, Any]) -> dict[str, Any]:
         self.send(i, cmd)
