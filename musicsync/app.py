@@ -749,7 +749,7 @@ def websocket_handler(app: QuartTrio) -> WebSocketHandler:
             host=host or "",
             args=upgrade.args,
         )
-        door = FrontDoor(stream, upgrade, trailing, settings.max_frame_bytes)
+        door = FastDoor(stream, upgrade, trailing, settings.max_frame_bytes)
         try:
             await serve_websocket(hub, settings, knock, door)
         finally:
@@ -762,7 +762,7 @@ async def _answer_and_close(stream: trio.abc.Stream, status: HTTPStatus, reason:
     await send_and_close(stream, error_response(status, reason))
 
 
-class FrontDoor:
+class FastDoor:
     """The front door's WebSocket path: answers the upgrade itself."""
 
     def __init__(

@@ -230,4 +230,4 @@ class FastTransport:
         self._parts.clear()
         self._size = 0
         self._binary = False
-        return b"binary" if binary else text
+        return b"" if binary else text  # binary is refused whatever it holds: not kept
