@@ -381,9 +381,11 @@ def measure_size(cfg: Config, kind: str, n: int, tag: str) -> dict[str, Any]:
         if not host["ok"]:
             raise RuntimeError(f"host not seated: {host}")
         # A track, so states are full-sized; its state also warms the send path.
-        load.call(0, {"cmd": "changes", "msgs": [TRACK], "interval": 0})
-        quiet = load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": QUIET_TIMEOUT_S})
-        v0 = int(quiet["host_version"])
+        track = load.call(0, {"cmd": "changes", "msgs": [TRACK], "interval": 0, "echo": True})
+        if not track["echoed"]:
+            raise RuntimeError("the host never got the state of its set_track")
+        v0 = int(track["host_version"])
+        load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": QUIET_TIMEOUT_S})
         time.sleep(RSS_SETTLE_S)
         rss0 = server.status_kib("VmRSS")
         cpu0 = server.cpu_s()
@@ -463,8 +465,13 @@ def stall_round(cfg: Config, stalled: int, watch: bool, tag: str) -> dict[str, A
             {"type": "set_track", "url": url, "title": f"{i:03d}" + "t" * 190}
             for i in range(PRIME_FRAMES)
         ]
-        load.call(0, {"cmd": "changes", "msgs": prime, "interval": PRIME_INTERVAL_S})
-        v0 = int(load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": 30})["host_version"])
+        primed = load.call(
+            0, {"cmd": "changes", "msgs": prime, "interval": PRIME_INTERVAL_S, "echo": True}
+        )
+        if not primed["echoed"]:
+            raise RuntimeError("the host never got the state of its last set_track")
+        v0 = int(primed["host_version"])
+        load.call(0, {"cmd": "quiet", "ms": QUIET_MS, "timeout": QUIET_TIMEOUT_S})
         info = load.call(0, {"cmd": "stalled_info"})
         ports = set(info["ports"])
         send_q, recv_q = tcp_queues(server.port, ports) if ports else (0, 0)

@@ -20,8 +20,9 @@ each command gets one reply. Commands:
 * ``quiet ms timeout``: wait until no listener received anything for ``ms``.
 * ``arm v0 count``: record, per listener, when each version v0+1..v0+count
   arrives (a newer version also settles the older ones: superseded).
-* ``changes kinds interval``: the host sends these commands, one every
-  ``interval`` seconds; reply the send times.
+* ``changes msgs interval echo``: the host sends these messages, one every
+  ``interval`` seconds; reply the send times (with ``echo``, once the host has
+  the state of the last one, and its version).
 * ``wait version timeout``: until every open listener has that version.
 * ``report sends``: delays per change and listener, counts, client CPU.
 * ``stalled_info``: the stalled sockets' local ports and unread bytes.
@@ -499,7 +500,9 @@ class Client:
         assert self.host is not None
         msgs: list[dict[str, Any]] = cmd["msgs"]
         interval = float(cmd["interval"])
+        host = self.host
         sends: list[float] = []
+        before = host.version
         start = clock()
         for i, msg in enumerate(msgs):
             at = start + i * interval
@@ -507,8 +510,12 @@ class Client:
                 self.poll(min(left, 0.05))
             text = json.dumps(msg, separators=(",", ":"))
             sends.append(clock())
-            self.send_text(self.host, text)
-        return {"sends": sends}
+            self.send_text(host, text)
+        echoed = True
+        if cmd.get("echo"):  # set-up changes: wait for the host's own copy of the last one
+            want = before + len(msgs)
+            echoed = self.run_until(lambda: host.version >= want or host.state == CLOSED, 30.0)
+        return {"sends": sends, "echoed": echoed, "host_version": host.version}
 
     def cmd_wait(self, cmd: dict[str, Any]) -> dict[str, Any]:
         v = int(cmd["version"])
