@@ -103,9 +103,15 @@ class Peer:
         return msg
 
     async def expect_state(self, **want: Any) -> dict[str, Any]:
-        """Wait for a state whose fields include ``want``."""
+        """Wait for a state whose fields include ``want``.
+
+        Like the page, it fills in the queue a state leaves out (this client was
+        sent that queue already): the last one seen, else the welcome's.
+        """
         while True:
             room = (await self.expect("state"))["room"]
+            known = self.welcome.get("room", {}).get("queue", [])
+            self.queue = room.setdefault("queue", getattr(self, "queue", known))
             if all(room.get(k) == v for k, v in want.items()):
                 return room  # type: ignore[no-any-return]
 

@@ -162,7 +162,8 @@ async def test_one_timer_task_serves_every_room_and_forgets_idle_ones(
             assert hub.room_refusal(f"room{i}", f"10.0.{i // 50}.{i % 50}") is None
         assert len(hub.rooms) == 500
         assert hub._nursery is not None
-        assert len(hub._nursery.child_tasks) == 1  # the timer; no task per room
+        # the timer and the heartbeat sweep; no task per room
+        assert len(hub._nursery.child_tasks) == 2
         await trio.sleep(59)
         assert len(hub.rooms) == 500
         await trio.sleep(2)

@@ -193,7 +193,8 @@ class Arena:
         with trio.fail_after(5 + extra * PERIOD * 3):
             while not listener.versions or listener.versions[-1] < target:  # noqa: ASYNC110
                 await trio.sleep(0.02)
-            while max(self.sent) > listener.versions[-1]:  # noqa: ASYNC110
+            # (the first state may come before the first timed command is recorded)
+            while max(self.sent, default=0) > listener.versions[-1]:  # noqa: ASYNC110
                 await trio.sleep(0.02)
 
     def note(self, line: str) -> None:
