@@ -72,7 +72,7 @@ PRESENCE_MAX_COALESCE_MS = 2000.0
 # co-hosts and this many listeners, and presence names only hosts and co-hosts
 # (and at most this many who left); ``count`` is always exact. Without it a
 # festival room sends O(N) names to N clients on every join (O(N^2) bytes).
-PARTICIPANT_LIST_MAX = 200
+PARTICIPANT_LIST_MAX = 100
 # The state that switches to the next queued track goes out this long before
 # the current one ends, so every client has it (and the track) in time.
 ADVANCE_NOTICE_MS = 4000.0
@@ -382,7 +382,12 @@ class Room:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything that must survive a restart, as plain JSON-able data."""
-        seats = [*self.participants.values(), *(r.participant for r in self._reserved.values())]
+        if self._crowded():
+            held = (r.participant for r in self._reserved_leads.values())
+            seats = [*self._leads.values(), *held]
+        else:
+            held = (r.participant for r in self._reserved.values())
+            seats = [*self.participants.values(), *held]
         return {
             "state": self.state(),
             "queue_seq": self._queue_seq,
@@ -563,7 +568,7 @@ class Room:
     def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
         """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
         p = self._unseat(pid)
-        self._note_left(pid, now)
+        self._note_left(p, now)
         if hold and p.token_hash is not None and self.resume_grace_ms > 0:
             self._hold(p.token_hash, _Reservation(p, now + self.resume_grace_ms))
         elif p.role == HOST:
@@ -624,15 +629,24 @@ class Room:
         if self._presence.due_at is None:
             self._presence.due_at = now + self.presence_window_ms()
 
+    def _keeps_seat(self, p: Participant) -> bool:
+        """Whether ``p``'s seat is durable: hosts' and co-hosts' always; a listener's
+        unless the room is a crowd, whose listeners rejoin afresh after a restart
+        (10 000 seats rewritten on every join would make filling a room O(N^2))."""
+        return p.role != LISTENER or not self._crowded()
+
     def _note_joined(self, p: Participant, now: float) -> None:
-        self.revision += 1
+        if self._keeps_seat(p):
+            self.revision += 1
         self._presence.joined[p.id] = p
         self._schedule_presence(now)
 
-    def _note_left(self, pid: str, now: float) -> None:
+    def _note_left(self, p: Participant, now: float) -> None:
         # Even a join from this same window is reported as left: whoever got a
         # welcome in between already knows the participant.
-        self.revision += 1
+        pid = p.id
+        if self._keeps_seat(p):
+            self.revision += 1
         self._presence.joined.pop(pid, None)
         if pid not in self._presence.left:
             self._presence.left.append(pid)

@@ -23,6 +23,7 @@ from musicsync.room import (
     LISTENER,
     MAX_LEAD_MS,
     MIN_LEAD_MS,
+    PARTICIPANT_LIST_MAX,
     PRESENCE_COALESCE_MS,
     TRACK_PRELOAD_LEAD_MS,
     BroadcastPresence,
@@ -847,3 +848,27 @@ def test_a_title_of_nothing_printable_falls_back_to_the_url() -> None:
     assert room.track is not None and room.track.title == "My Song"
     room.handle("h", SetTrack(url="/media/a%E2%80%AEb%0A.mp3"), T0)
     assert room.track is not None and room.track.title == "ab"  # escapes decoded, then cleaned
+
+
+def test_a_crowd_names_its_leads_and_counts_its_listeners() -> None:
+    """Past PARTICIPANT_LIST_MAX: a welcome names hosts, co-hosts and the first
+    listeners; presence names leads only; listener seats are not rewritten on
+    every join (a crowd's listeners rejoin afresh after a restart)."""
+    room = make_room("h")
+    for i in range(PARTICIPANT_LIST_MAX):
+        room.join(f"l{i}", f"L{i}", T0, token=f"tok-{i}")
+    room.poll(T0 + 10_000)
+    revision = room.revision
+    (welcome,) = room.join("late", "Late", T0 + 10_000, token="tok-late")
+    assert isinstance(welcome, Reply)
+    listed = welcome.payload["participants"]
+    assert welcome.payload["participant_count"] == PARTICIPANT_LIST_MAX + 2
+    assert len(listed) == PARTICIPANT_LIST_MAX + 1  # the host and the first listeners
+    assert listed[0]["role"] == HOST
+    assert room.revision == revision  # a crowd's listener join: nothing durable changed
+    (presence,) = [e for e in room.poll(T0 + 20_000) if isinstance(e, BroadcastPresence)]
+    assert presence.delta["joined"] == [] and presence.delta["count"] == PARTICIPANT_LIST_MAX + 2
+    assert [s for s in room.snapshot()["seats"] if s["role"] == LISTENER] == []
+    room.leave("late", T0 + 20_000)
+    room.leave("l0", T0 + 20_000)  # back to PARTICIPANT_LIST_MAX: not a crowd any more
+    assert len(room.snapshot()["seats"]) > PARTICIPANT_LIST_MAX  # listeners durable again
