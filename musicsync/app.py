@@ -690,8 +690,7 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
         with trio.move_on_after(send_timeout) as scope:
             await ws.flush()  # a direct write's tail goes before anything queued
         if scope.cancelled_caught:
-            client.fail(CLOSE_SLOW, "slow consumer")
-            log.info("dropping slow client %s", client.id)
+            _drop_slow(client, ws)
             return
         item = client.outbox.pop()
         if item is None:
@@ -710,8 +709,7 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
         with trio.move_on_after(send_timeout) as scope:
             await ws.send(frame)
         if scope.cancelled_caught:
-            client.fail(CLOSE_SLOW, "slow consumer")
-            log.info("dropping slow client %s", client.id)
+            _drop_slow(client, ws)
             return
         hub.stats.messages_out += 1
         if isinstance(item, Frame):
@@ -722,6 +720,15 @@ async def _writer(hub: Hub, client: Client, ws: Transport) -> None:
         # An idle writer must not keep its last frame alive (a welcome is ~10 KB,
         # and 10 000 idle writers would hold 10 000 of them).
         del item, frame
+
+
+def _drop_slow(client: Client, ws: Transport) -> None:
+    """A peer that takes nothing for ``send_timeout``: give up on it. Its close
+    resets the connection, so the kernel drops what it still holds for it."""
+    client.fail(CLOSE_SLOW, "slow consumer")
+    log.info("dropping slow client %s", client.id)
+    if isinstance(ws, FastTransport):
+        ws.reset_on_close()
 
 
 def websocket_handler(app: QuartTrio) -> WebSocketHandler:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import socket as stdlib_socket
+import struct
 
 import trio
 from wsproto.connection import Connection, ConnectionType
@@ -148,6 +149,15 @@ class FastTransport:
         with contextlib.suppress(WireViolation):
             while await self.receive() is not None:
                 pass
+
+    def reset_on_close(self) -> None:
+        """Make the coming close a reset (SO_LINGER 0): a peer that stopped
+        reading would otherwise keep our unsent bytes in the kernel."""
+        if self._raw is not None:
+            with contextlib.suppress(OSError):
+                self._raw.setsockopt(
+                    stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
 
     def abort(self, code: int, reason: str) -> None:
         """Best effort: a close frame if the socket takes it now, nothing more."""
