@@ -29,6 +29,7 @@ from .config import (
     resolve_settings,
 )
 from .datalock import DataDirBusy, DataDirLock
+from .gcpolicy import steward_gc
 from .lan import Urls, startup_banner
 from .logs import configure_logging
 from .sockets import StuckPeerConfig
@@ -225,11 +226,18 @@ async def _serve(
 async def serve_until_signalled(settings: Settings, data_lock: DataDirLock) -> None:
     """Serve, print where, and shut down cleanly on SIGINT or SIGTERM."""
     shutdown = trio.Event()
+    gc_scope = trio.CancelScope()
+
+    async def steward() -> None:
+        with gc_scope:
+            await steward_gc()
+
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             binds, _app = await nursery.start(
                 partial(run_server, settings, shutdown, data_lock=data_lock)
             )
+            nursery.start_soon(steward)
             for bind in binds:
                 print(f"musicsync listening on {bind}", flush=True)
             port = urlsplit(binds[0]).port or settings.port
@@ -246,6 +254,7 @@ async def serve_until_signalled(settings: Settings, data_lock: DataDirLock) -> N
                     extra={"signal": signal.Signals(signum).name},
                 )
                 shutdown.set()
+                gc_scope.cancel()
                 break
     log.info("stopped")
 
