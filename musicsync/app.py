@@ -737,10 +737,9 @@ def websocket_handler(app: QuartTrio) -> WebSocketHandler:
 
     async def handle(stream: trio.abc.Stream, upgrade: Upgrade, trailing: bytes, ip: str) -> None:
         hub: Hub = app.extensions["musicsync_hub"]
-        hosts: frozenset[str] | None = app.extensions.get("musicsync_allowed_hosts")
         hops = settings.proxy_hops
         host = forwarded_value(upgrade.forwarded_host, hops) or upgrade.host
-        if hosts is not None and not host_allowed(host, hosts):
+        if not host_allowed(host, _host_names(app, settings)):
             hub.stats.errors["bad_host"] += 1
             await _answer_and_close(stream, HTTPStatus.MISDIRECTED_REQUEST, "unknown Host")
             return
