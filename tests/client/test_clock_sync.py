@@ -10,31 +10,15 @@ seconds, so one bad estimate anywhere in a session counts.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
-import pytest
+from .pagesim import needs_node, run_page_sim
 
-REPO = Path(__file__).resolve().parents[2]
-SIM = Path(__file__).with_name("clock_sim.mjs")
-NODE = shutil.which("node")
-
-pytestmark = pytest.mark.skipif(NODE is None, reason="needs Node.js to run the page's code")
+pytestmark = needs_node
 
 
 def simulate(**cfg: Any) -> dict[str, Any]:
-    assert NODE is not None
-    out = subprocess.run(
-        [NODE, str(SIM), str(REPO / "static" / "index.html"), json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    return run_page_sim("clock_sim.mjs", json.dumps(cfg), timeout=120)
 
 
 def test_jittery_link_with_equal_clock_rates_invents_no_rate() -> None:

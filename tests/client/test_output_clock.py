@@ -9,32 +9,15 @@ latency query can deadlock the page.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
-import pytest
+from .pagesim import needs_node, run_page_sim
 
-REPO = Path(__file__).resolve().parents[2]
-SIM = Path(__file__).with_name("output_clock_sim.mjs")
-NODE = shutil.which("node")
-
-pytestmark = pytest.mark.skipif(NODE is None, reason="needs Node.js to run the page's code")
+pytestmark = needs_node
 
 
 def simulate(scenario: str) -> dict[str, Any]:
-    assert NODE is not None
-    out = subprocess.run(
-        [NODE, str(SIM), str(REPO / "static" / "index.html"), scenario],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    return run_page_sim("output_clock_sim.mjs", scenario, timeout=60)
 
 
 def test_one_glitched_reading_is_not_heard_as_a_step() -> None:
