@@ -49,7 +49,7 @@ lint:
     {{python}} -m ruff format --check .
     {{python}} -m mypy
 
-# server benchmarks (fan-out latency, join cost, memory per connection)
+# server fan-out benchmark against a reference broadcaster (seating, latency, CPU per frame, memory per connection, stalled listeners)
 bench *ARGS:
     {{python}} benchmarks/bench_fanout.py {{ARGS}}
 
