@@ -304,12 +304,7 @@ class Library:
         yield from walk(base, "", 0, False)
 
     def _load_titles(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.titles_path.read_text("utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
+        data = _read_json_dict(self.titles_path)
         return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
     def remember_title(self, relpath: str, title: str) -> None:
@@ -327,12 +322,7 @@ class Library:
         return sorted(records, key=lambda r: (r.uploaded_at, r.name))
 
     def _load_uploads(self) -> dict[str, UploadRecord]:
-        try:
-            data = json.loads(self.uploads_path.read_text("utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
+        data = _read_json_dict(self.uploads_path)
         found = (UploadRecord.from_json(k, v) for k, v in data.items() if isinstance(k, str))
         return {r.name: r for r in found if r is not None}
 
@@ -368,6 +358,15 @@ class Library:
                 _write_json(self.titles_path, titles)
         self.invalidate()
         return record
+
+
+def _read_json_dict(path: Path) -> dict[Any, Any]:
+    """A small JSON object from ``path``; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -125,11 +125,10 @@ class FastTransport:
         await self.flush()
         if self._raw is None:
             await self.stream.send_all(data)
-        elif not self.offer(data):
-            self._tail = memoryview(data)
-            await self.flush()
-        else:
-            await self.flush()
+            return
+        if not self.offer(data):
+            self._tail = memoryview(data)  # the socket took nothing: all of it waits
+        await self.flush()
 
     async def send(self, frame: Frame) -> None:
         await self._write(frame.wire)
