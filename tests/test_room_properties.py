@@ -186,15 +186,15 @@ class RoomMachine(RuleBasedStateMachine):
     @invariant()
     def indexes_match_a_full_scan(self) -> None:
         """The O(1) indexes (crowds) say what scanning every participant would."""
-        room = self.room
-        people = room.participants.values()
-        assert room._leads == {p.id: p for p in people if p.role != LISTENER}
-        assert room._by_hash == {p.token_hash: p for p in people if p.token_hash is not None}
-        held_leads = {h: r for h, r in room._reserved.items() if r.participant.role != "listener"}
-        assert room._reserved_leads == held_leads
+        seats = self.room.seats
+        people = seats.participants.values()
+        assert seats._leads == {p.id: p for p in people if p.role != LISTENER}
+        assert seats._by_hash == {p.token_hash: p for p in people if p.token_hash is not None}
+        held_leads = {h: r for h, r in seats.held.items() if r.participant.role != "listener"}
+        assert seats._reserved_leads == held_leads
         rtts = [p.rtt_ms for p in people if p.rtt_ms is not None]
-        assert (room._worst_rtt[0] if room._worst_rtt else None) == max(rtts, default=None)
-        untils = [r.until for r in room._reserved.values()]
+        assert seats.worst_rtt() == max(rtts, default=None)
+        untils = [r.until for r in seats.held.values()]
         assert untils == sorted(untils)  # deadline order: poll and next_deadline rely on it
 
     @invariant()
@@ -216,7 +216,7 @@ class RoomMachine(RuleBasedStateMachine):
 
     @invariant()
     def presence_deadline_is_near(self) -> None:
-        deadline = self.room._presence.due_at
+        deadline = self.room.seats.presence.due_at
         if deadline is not None:
             assert deadline <= self.now + 50.0 + 1e-6
         overall = self.room.next_deadline()
