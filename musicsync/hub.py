@@ -28,6 +28,7 @@ from .room import (
     PLAYBACK_ROLES,
     BroadcastPresence,
     BroadcastState,
+    Disconnect,
     Effect,
     Error,
     Participant,
@@ -562,11 +563,11 @@ class Hub:
 
     def _apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Reply) and effect.kind == "kicked":
+            if isinstance(effect, Disconnect):
                 target = entry.clients.pop(effect.to, None)
                 if target is not None:
-                    self.error(target, "kicked", "the host removed you from this room")
-                    target.fail(CLOSE_KICKED, "kicked")
+                    self.error(target, effect.code, effect.reason)
+                    target.fail(effect.close_code, effect.code)
             elif isinstance(effect, Reply):
                 target = entry.clients.get(effect.to)
                 if target is not None:

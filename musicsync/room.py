@@ -1,37 +1,63 @@
-"""One room's state machine: participants, host election and the timeline (sans-IO).
+"""One room as a value: four pure parts behind the facade the hub drives (sans-IO).
 
 Everything here is plain Python. Callers pass the server time ``now`` (epoch
-milliseconds, from ``ServerClock``) and get back a list of effects to carry out;
-nothing here touches a socket, a clock or trio.
+milliseconds, from ``ServerClock``) and get back a list of effects to carry out
+(effects.py); nothing here touches a socket, a clock or trio.
 
-Invariants (checked by the property tests in tests/test_room_properties.py):
+The parts, each in its own module with its own invariants, tests and dict form:
 
-* A room has at most one host. A room with participants in it has exactly one
-  host, except while the departed host's seat is held for its resume grace
-  period (``host_reserved``); then it has none, and ``poll`` elects one when
-  the grace period ends.
-* ``version`` never decreases, and grows by exactly one with every change that
-  is broadcast as a ``state``.
-* A change to the timeline takes effect at a scheduled server time ``start_at``
-  that is never earlier than the ``start_at`` of the timeline it replaces, so the
-  position is a continuous function of server time except at explicit seeks.
-* Only the host changes the room. A refused message changes nothing and yields
-  exactly one ``Error`` effect addressed to its sender.
+=============  ===========================================================
+``playback``   timeline.Playback: the track, the timeline, the volume
+``playqueue``  playqueue.PlayQueue: what follows, repeat and shuffle
+``seats``      seats.Seats: participants, roles, held seats, presence
+``gate``       gate.Gate: password hash, invites, bans, listener rights
+=============  ===========================================================
+
+The room owns what ties them together:
+
+* ``version``, shared by every part: it grows by exactly one with every
+  change that is broadcast as a ``state`` (``_commit``), and never decreases.
+* ``PERMISSIONS``: which role may send which message, the one place that
+  says so; ``TRANSITIONS``: which transition a message runs. ``handle`` looks
+  both up, then takes the room's change budget, then runs the transition.
+* Only the roles PERMISSIONS names change the room. A refused message changes
+  nothing and yields exactly one ``Error`` effect addressed to its sender.
+* ``revision`` grows with every change ``snapshot()`` covers, broadcast or
+  not (seats, invites, bans too): the edge persists whenever it moved.
+* ``Room.restore(room.snapshot())`` behaves as the room did (same ``state()``,
+  same ``next_deadline()``), except that everyone seated holds a seat instead.
 
 Errors are kept apart: a *remote* error (the client asked for something it may
-not have) is an ``Error`` effect and the room carries on; a *local* error (the
-caller broke this module's contract, e.g. an unknown participant id) raises.
+not have) is an ``Error`` effect and the room carries on (parts raise
+``Refusal`` before they change anything); a *local* error (the caller broke
+this module's contract, e.g. an unknown participant id) raises.
 """
 
 from __future__ import annotations
 
 import random
-import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .access import hash_token
+from .effects import (
+    CLOSE_KICKED,
+    BroadcastPresence,
+    BroadcastState,
+    Disconnect,
+    Effect,
+    Error,
+    Refusal,
+    Reply,
+)
+from .gate import KICK_BAN_MS, MAX_INVITES, Gate, Invite, RoomSettings, new_invite_code
+from .playqueue import (
+    ADVANCE_NOTICE_MS,
+    MAX_QUEUE_ITEMS,
+    MIN_ADVANCE_SECONDS,
+    PlayQueue,
+    QueueItem,
+)
 from .protocol import (
     ClaimHost,
     ClientMessage,
@@ -53,363 +79,369 @@ from .protocol import (
     Volume,
 )
 from .ratelimit import TokenBucket
+from .seats import (
+    COHOST,
+    HOST,
+    LISTENER,
+    PARTICIPANT_LIST_MAX,
+    PRESENCE_COALESCE_MS,
+    PRESENCE_MAX_COALESCE_MS,
+    PRESENCE_MS_PER_PARTICIPANT,
+    RESUME_GRACE_MS,
+    Participant,
+    Reservation,
+    Seats,
+)
+from .timeline import (
+    DEFAULT_VOLUME,
+    LEAD_MARGIN_MS,
+    LEAD_RTT_FACTOR,
+    MAX_LEAD_MS,
+    MIN_LEAD_MS,
+    MS_PER_SECOND,
+    TRACK_PRELOAD_LEAD_MS,
+    Playback,
+    Timeline,
+    Track,
+    lead_for_rtt,
+)
 from .urls import BadURL, clean_title, validate_track_url
 
-MIN_LEAD_MS = 150.0
-MAX_LEAD_MS = 1000.0
-LEAD_RTT_FACTOR = 1.5
-LEAD_MARGIN_MS = 50.0
-# Extra time granted when a new track starts playing at once, so that clients
-# can fetch and decode it before the scheduled start.
-TRACK_PRELOAD_LEAD_MS = 1000.0
-PRESENCE_COALESCE_MS = 50.0
-# Every presence flush costs one frame per participant, so big rooms flush
-# less often: the window grows with the room (0.5 ms a head, at most 2 s),
-# which bounds presence traffic to ~2000 frames/s however fast people come.
-PRESENCE_MS_PER_PARTICIPANT = 0.5
-PRESENCE_MAX_COALESCE_MS = 2000.0
-# Past this many participants a room is a crowd: its welcome names the hosts,
-# co-hosts and this many listeners, and presence names only hosts and co-hosts
-# (and at most this many who left); ``count`` is always exact. Without it a
-# festival room sends O(N) names to N clients on every join (O(N^2) bytes).
-PARTICIPANT_LIST_MAX = 100
-# The state that switches to the next queued track goes out this long before
-# the current one ends, so every client has it (and the track) in time.
-ADVANCE_NOTICE_MS = 4000.0
-MAX_QUEUE_ITEMS = 500
-# Tracks shorter than this never advance the queue by themselves (queue_next does).
-MIN_ADVANCE_SECONDS = 0.5
-MAX_INVITES = 100
+__all__ = [
+    "ADVANCE_NOTICE_MS",
+    "CLOSE_KICKED",
+    "COHOST",
+    "DEFAULT_VOLUME",
+    "HOST",
+    "KICK_BAN_MS",
+    "LEAD_MARGIN_MS",
+    "LEAD_RTT_FACTOR",
+    "LISTENER",
+    "MAX_INVITES",
+    "MAX_LEAD_MS",
+    "MAX_QUEUE_ITEMS",
+    "MIN_ADVANCE_SECONDS",
+    "MIN_LEAD_MS",
+    "MS_PER_SECOND",
+    "PARTICIPANT_LIST_MAX",
+    "PERMISSIONS",
+    "PLAYBACK_ROLES",
+    "PRESENCE_COALESCE_MS",
+    "PRESENCE_MAX_COALESCE_MS",
+    "PRESENCE_MS_PER_PARTICIPANT",
+    "RESUME_GRACE_MS",
+    "ROOM_CHANGES_PER_SECOND",
+    "ROOM_CHANGE_BURST",
+    "SNAPSHOT_FORMAT",
+    "TRACK_PRELOAD_LEAD_MS",
+    "TRANSITIONS",
+    "BroadcastPresence",
+    "BroadcastState",
+    "Disconnect",
+    "Effect",
+    "Error",
+    "Invite",
+    "Participant",
+    "QueueItem",
+    "Reply",
+    "Room",
+    "RoomSettings",
+    "RoomSettingsUpdate",
+    "Timeline",
+    "Track",
+]
+
 # Control messages one room takes per second from all its senders together
 # (each connection also has 10/s of its own); past it: rate_limited.
 ROOM_CHANGES_PER_SECOND = 20.0
 ROOM_CHANGE_BURST = 40.0
-MS_PER_SECOND = 1000.0
-DEFAULT_VOLUME = 1.0
 
-# A participant who drops keeps their id, name and role for this long, so a
-# reload or a network blip is not a hand-over.
-RESUME_GRACE_MS = 30_000.0
-# A kicked participant's token cannot rejoin for this long.
-KICK_BAN_MS = 10 * 60_000.0
+# -- who may send what ----------------------------------------------------------
 
-HOST = "host"
-COHOST = "cohost"
-LISTENER = "listener"
 # Who may drive playback (play, pause, seek, volume, track, queue).
 PLAYBACK_ROLES = (HOST, COHOST)
+_EVERYONE = frozenset({HOST, COHOST, LISTENER})
+_PLAYBACK = frozenset(PLAYBACK_ROLES)
+_HOST = frozenset({HOST})
+
+PERMISSIONS: dict[type[ClientMessage], frozenset[str]] = {
+    ClaimHost: _EVERYONE,  # refused with host_exists while there is a host
+    SetTrack: _PLAYBACK,
+    Play: _PLAYBACK,
+    Pause: _PLAYBACK,
+    Seek: _PLAYBACK,
+    Volume: _PLAYBACK,
+    QueueAdd: _PLAYBACK,  # and listeners, where the room lets them (LISTENER_RIGHTS)
+    QueueRemove: _PLAYBACK,
+    QueueMove: _PLAYBACK,
+    QueueNext: _PLAYBACK,
+    QueueMode: _PLAYBACK,
+    TransferHost: _HOST,
+    Kick: _HOST,
+    RoomSettingsUpdate: _HOST,
+    CreateInvite: _HOST,
+    RevokeInvite: _HOST,
+    SetPassword: _HOST,
+}
+# Messages a listener may also send while the room's settings say "listeners
+# may upload" (they suggest tracks).
+LISTENER_RIGHTS: frozenset[type[ClientMessage]] = frozenset({QueueAdd})
+# Messages that do not take from the room's change budget: they broadcast no state.
+FREE_MESSAGES: frozenset[type[ClientMessage]] = frozenset({ClaimHost})
+
+# -- snapshots ------------------------------------------------------------------
+
+# Format 1 (no "format" key): {"state": <the wire state>, "queue_seq", "seq",
+# "seats", "banned_hashes" (or, older, "banned" by plain token, and "token" in
+# seats), "password_hash", "invites"}. Format 2: the parts' own dicts.
+SNAPSHOT_FORMAT = 2
 
 
-@dataclass(frozen=True)
-class Track:
-    url: str
-    title: str
-    duration: float | None
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"url": self.url, "title": self.title, "duration": self.duration}
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """Where playback is: ``position`` seconds at server time ``start_at`` ms."""
-
-    paused: bool = True
-    position: float = 0.0
-    start_at: float = 0.0
-    rate: float = 1.0
-
-    def position_at(self, t_ms: float, duration: float | None = None) -> float:
-        if self.paused or t_ms <= self.start_at:
-            pos = self.position
-        else:
-            pos = self.position + (t_ms - self.start_at) / MS_PER_SECOND * self.rate
-        if duration is not None:
-            pos = min(pos, duration)
-        return max(0.0, pos)
-
-
-@dataclass
-class Participant:
-    id: str
-    name: str
-    role: str
-    seq: int
-    rtt_ms: float | None = None
-    # access.hash_token of the resume token; the token itself is only ever sent
-    # to its owner, in the welcome, and kept nowhere.
-    token_hash: str | None = field(default=None, repr=False)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "role": self.role}
+def _from_format_1(snap: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 to 2; plain tokens (from before token hashing) are hashed here."""
+    state = snap["state"]
+    seats = []
+    for seat in snap.get("seats", []):
+        token_hash = seat.get("token_hash")
+        if token_hash is None and seat.get("token") is not None:
+            token_hash = hash_token(str(seat["token"]))
+        if token_hash is not None:
+            fields = {k: seat[k] for k in ("id", "name", "role", "seq")}
+            seats.append({**fields, "token_hash": token_hash})
+    banned = {hash_token(str(k)): float(v) for k, v in snap.get("banned", {}).items()}
+    banned.update((str(k), float(v)) for k, v in snap.get("banned_hashes", {}).items())
+    playback_keys = ("track", "paused", "position", "start_at", "volume")
+    return {
+        "format": 2,
+        "version": state["version"],
+        "playback": {**{k: state[k] for k in playback_keys}, "rate": state.get("rate", 1.0)},
+        "queue": {
+            "items": state.get("queue", []),
+            "repeat": state.get("repeat", "off"),
+            "shuffle": state.get("shuffle", False),
+            "seq": snap.get("queue_seq", 0),
+        },
+        "seats": {"seq": snap.get("seq", 0), "seats": seats},
+        "gate": {
+            "password_hash": snap.get("password_hash"),
+            "invites": snap.get("invites", {}),
+            "banned_hashes": banned,
+            "listeners_may_upload": state.get("settings", {}).get("listeners_may_upload"),
+        },
+    }
 
 
-# -- effects ------------------------------------------------------------------
+# Each entry upgrades a snapshot from format N-1 to N.
+SNAPSHOT_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {2: _from_format_1}
 
 
-@dataclass(frozen=True)
-class Reply:
-    """Send ``kind`` with ``payload`` to one participant."""
-
-    to: str
-    kind: str
-    payload: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Error:
-    to: str
-    code: str
-    message: str
+def migrate_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
+    """``snap`` in today's format, whichever format it was written in."""
+    fmt = snap.get("format", 1)
+    if not isinstance(fmt, int) or not 1 <= fmt <= SNAPSHOT_FORMAT:
+        raise ValueError(f"unknown room snapshot format {fmt!r}")
+    for step in range(fmt + 1, SNAPSHOT_FORMAT + 1):
+        snap = SNAPSHOT_MIGRATIONS[step](snap)
+    return snap
 
 
-@dataclass(frozen=True)
-class BroadcastState:
-    """The room state changed; send it to everyone (the newest one wins).
-
-    ``queue_rev`` grows when the queue changed: a client that already has this
-    revision of the queue may get the state without it (a 500-item queue is
-    1 MB; a volume change need not resend it).
-    """
-
-    state: dict[str, Any]
-    queue_rev: int = 0
+def _track_from(url: str, title: str | None, duration: float | None) -> Track:
+    try:
+        url = validate_track_url(url)
+    except BadURL as exc:
+        raise Refusal("bad_url", str(exc)) from None
+    return Track(url, clean_title(title) or _title_from_url(url), duration)
 
 
-@dataclass(frozen=True)
-class BroadcastPresence:
-    delta: dict[str, Any]
+def _title_from_url(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
 
-
-Effect = Reply | Error | BroadcastState | BroadcastPresence
-
-
-@dataclass(frozen=True)
-class QueueItem:
-    id: str
-    track: Track
-    added_by: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, **self.track.to_wire(), "added_by": self.added_by}
-
-
-@dataclass
-class RoomSettings:
-    listeners_may_upload: bool = False
-
-
-@dataclass(frozen=True)
-class Invite:
-    code: str
-    role: str
-    expires_at: float
-
-
-@dataclass
-class _Reservation:
-    participant: Participant
-    until: float
-
-
-@dataclass
-class _PresenceDelta:
-    joined: dict[str, Participant] = field(default_factory=dict)
-    left: list[str] = field(default_factory=list)
-    changed: dict[str, str] = field(default_factory=dict)
-    due_at: float | None = None
-
-    def empty(self) -> bool:
-        return not (self.joined or self.left or self.changed)
+    last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    stem = last.rsplit(".", 1)[0]
+    return clean_title(stem) or "untitled"  # %-escapes may decode to control characters
 
 
 class Room:
-    """The authoritative state of one room."""
+    """The authoritative state of one room: the facade over its parts."""
+
+    __slots__ = (
+        "_changes",
+        "_commits",
+        "_rng",
+        "gate",
+        "name",
+        "playback",
+        "playqueue",
+        "seats",
+        "version",
+    )
 
     def __init__(
         self,
         name: str,
         resume_grace_ms: float = RESUME_GRACE_MS,
         rng: random.Random | None = None,
-        new_code: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        new_code: Callable[[], str] = new_invite_code,
     ) -> None:
         self.name = name
-        self.password_hash: str | None = None  # set by the edge, which does the hashing
-        self.invites: dict[str, Invite] = {}
-        self._new_code = new_code
-        self.queue: list[QueueItem] = []
-        self.repeat = "off"  # off | one | all
-        self.shuffle = False
-        self._rng = rng or random.Random()
-        self._queue_seq = 0
-        self.track: Track | None = None
-        self.timeline = Timeline()
-        self.volume = DEFAULT_VOLUME
         self.version = 0
-        # Grows with every change that snapshot() covers (state, seats, bans,
-        # invites, password), broadcast or not: the edge persists when it moved.
-        self.revision = 0
-        self.settings = RoomSettings()
-        self.participants: dict[str, Participant] = {}
-        self.resume_grace_ms = resume_grace_ms
-        # Held seats by token hash, in the order they fall due (a leave adds one
-        # at now + grace, so insertion order is deadline order); bans likewise.
-        self._reserved: dict[str, _Reservation] = {}
-        self._banned: dict[str, float] = {}  # token hash -> until
-        # Indexes that keep a crowd's joins O(1): seated participants by token
-        # hash, hosts and co-hosts, held seats of hosts and co-hosts, and who
-        # has the worst round trip (the scheduling lead follows it).
-        self._by_hash: dict[str, Participant] = {}
-        self._leads: dict[str, Participant] = {}
-        self._reserved_leads: dict[str, _Reservation] = {}
-        self._worst_rtt: tuple[float, str] | None = None
-        self._seq = 0
-        self._presence = _PresenceDelta()
+        self.playback = Playback()
+        self.playqueue = PlayQueue()
+        self.seats = Seats(resume_grace_ms)
+        self.gate = Gate(new_code)
+        self._commits = 0
+        self._rng = rng or random.Random()
         # Changes the whole room may take, whoever sends them: every connection has
         # its own budget, but many co-hosts of one room must not flood its fan-out.
         self._changes = TokenBucket(ROOM_CHANGES_PER_SECOND, ROOM_CHANGE_BURST)
-        # Which queue the last broadcast carried (see BroadcastState.queue_rev).
-        self.queue_rev = 0
-        self._queue_key: tuple[str, ...] = ()
 
-    # -- queries -----------------------------------------------------------
+    # -- the parts' fields, as the edge and the tests read them -------------------
+
+    @property
+    def participants(self) -> dict[str, Participant]:
+        return self.seats.participants
+
+    @property
+    def track(self) -> Track | None:
+        return self.playback.track
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.playback.timeline
+
+    @property
+    def volume(self) -> float:
+        return self.playback.volume
+
+    @property
+    def queue(self) -> list[QueueItem]:
+        return self.playqueue.items
+
+    @property
+    def repeat(self) -> str:
+        return self.playqueue.repeat
+
+    @property
+    def shuffle(self) -> bool:
+        return self.playqueue.shuffle
+
+    @property
+    def queue_rev(self) -> int:
+        """Which queue the last broadcast carried (see BroadcastState.queue_rev)."""
+        return self.playqueue.rev
+
+    @property
+    def settings(self) -> RoomSettings:
+        return self.gate.settings
+
+    @property
+    def invites(self) -> dict[str, Invite]:
+        return self.gate.invites
+
+    @property
+    def password_hash(self) -> str | None:
+        return self.gate.password_hash
+
+    @password_hash.setter
+    def password_hash(self, value: str | None) -> None:
+        self.gate.password_hash = value  # no broadcast: see set_password_hash
+
+    @property
+    def resume_grace_ms(self) -> float:
+        return self.seats.resume_grace_ms
+
+    @property
+    def _reserved(self) -> dict[str, Reservation]:
+        """Held seats by token hash (the abuse tests reach in here)."""
+        return self.seats.held
+
+    @property
+    def revision(self) -> int:
+        """Grows with every change ``snapshot()`` covers, broadcast or not."""
+        return self._commits + self.seats.revision + self.gate.revision
+
+    # -- queries -------------------------------------------------------------------
 
     @property
     def host_id(self) -> str | None:
-        for p in self._leads.values():
-            if p.role == HOST:
-                return p.id
-        return None
+        return self.seats.host_id
 
     @property
     def host_reserved(self) -> bool:
-        return any(r.participant.role == HOST for r in self._reserved_leads.values())
+        return self.seats.host_reserved
 
     def participant_for_token(self, token: str) -> Participant | None:
-        return self._participant_for_hash(hash_token(token))
-
-    def _participant_for_hash(self, token_hash: str) -> Participant | None:
-        return self._by_hash.get(token_hash)
+        return self.seats.by_hash(hash_token(token))
 
     def holds_seat(self, token: str) -> bool:
         """True for the token of someone seated now or within their resume grace."""
-        token_hash = hash_token(token)
-        return token_hash in self._reserved or self._participant_for_hash(token_hash) is not None
+        return self.seats.holds(hash_token(token))
 
     def valid_invite(self, code: str, now: float) -> Invite | None:
-        invite = self.invites.get(code)
-        return invite if invite is not None and now < invite.expires_at else None
+        return self.gate.valid_invite(code, now)
 
     def admission(
         self, now: float, token: str | None = None, invite: str | None = None
     ) -> tuple[bool, str | None]:
         """(may enter without a password, role an invite grants) for a new connection."""
-        granted = self.valid_invite(invite, now) if invite else None
-        role = granted.role if granted else None
-        if self.password_hash is None or granted is not None:
-            return True, role
-        return bool(token and self.holds_seat(token)), role
-
-    def set_password_hash(self, pid: str, password_hash: str | None) -> list[Effect]:
-        """The host protects the room (a salted hash made by the edge) or opens it."""
-        sender = self.participants.get(pid)
-        if sender is None or sender.role != HOST:
-            return [Error(pid, "not_host", "only the host may set the password")]
-        self.password_hash = password_hash
-        return self._commit()
+        return self.gate.admission(now, invite, lambda: bool(token and self.holds_seat(token)))
 
     def is_banned(self, token: str, now: float) -> bool:
-        until = self._banned.get(hash_token(token))
-        return until is not None and now < until
+        return self.gate.is_banned(hash_token(token), now)
 
     def lead_ms(self) -> float:
-        worst = self._worst_rtt[0] if self._worst_rtt is not None else 0.0
-        return min(MAX_LEAD_MS, max(MIN_LEAD_MS, worst * LEAD_RTT_FACTOR + LEAD_MARGIN_MS))
+        return lead_for_rtt(self.seats.worst_rtt())
 
     def position_at(self, t_ms: float) -> float:
-        duration = self.track.duration if self.track else None
-        return self.timeline.position_at(t_ms, duration)
+        return self.playback.position_at(t_ms)
+
+    def presence_window_ms(self) -> float:
+        return self.seats.presence_window_ms()
+
+    def may_send(self, sender: Participant, kind: type[ClientMessage]) -> bool:
+        """Whether ``sender``'s role lets it send messages of type ``kind`` here."""
+        if sender.role in PERMISSIONS[kind]:
+            return True
+        return kind in LISTENER_RIGHTS and self.gate.settings.listeners_may_upload
 
     def state(self) -> dict[str, Any]:
         return {
-            "track": self.track.to_wire() if self.track else None,
-            "paused": self.timeline.paused,
-            "position": self.timeline.position,
-            "start_at": self.timeline.start_at,
-            "volume": self.volume,
-            "rate": self.timeline.rate,
+            **self.playback.to_dict(),
             "version": self.version,
-            "settings": {
-                "listeners_may_upload": self.settings.listeners_may_upload,
-                "protected": self.password_hash is not None,
-            },
-            "queue": [item.to_wire() for item in self.queue],
-            "repeat": self.repeat,
-            "shuffle": self.shuffle,
+            "settings": self.gate.settings_wire(),
+            "queue": self.playqueue.wire(),
+            "repeat": self.playqueue.repeat,
+            "shuffle": self.playqueue.shuffle,
         }
 
     def track_end_at(self) -> float | None:
         """Server time at which the current track runs out, if playing with a known length."""
-        t = self.timeline
-        if self.track is None or self.track.duration is None or t.paused:
-            return None
-        if self.track.duration < MIN_ADVANCE_SECONDS:
-            return None  # too short to schedule around: it just plays out
-        return t.start_at + max(0.0, self.track.duration - t.position) * MS_PER_SECOND / t.rate
+        return self.playback.track_end_at(MIN_ADVANCE_SECONDS)
 
     def _advance_due_at(self) -> float | None:
         end = self.track_end_at()
-        if end is None or self.track is None or self.track.duration is None:
+        track = self.playback.track
+        if end is None or track is None or track.duration is None:
             return None
-        if self.queue or self.repeat != "off":
-            # A short track is announced half-way through, so that each advance
-            # lands in the future and a tiny looping track cannot spin the timer.
-            half = self.track.duration * MS_PER_SECOND / 2
-            return end - min(ADVANCE_NOTICE_MS, half)
-        return end  # nothing follows: settle into "paused at the end" then
+        return self.playqueue.advance_due_at(end, track.duration)
 
     def next_deadline(self) -> float | None:
         """Server time at which ``poll`` has work to do, or None."""
-        times = [next(iter(self._reserved.values())).until] if self._reserved else []
-        if self._presence.due_at is not None:
-            times.append(self._presence.due_at)
-        advance = self._advance_due_at()
-        if advance is not None:
-            times.append(advance)
+        times = [t for t in (self.seats.next_deadline(), self._advance_due_at()) if t is not None]
         return min(times, default=None)
 
-    # -- persistence -----------------------------------------------------------
+    # -- persistence -----------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything that must survive a restart, as plain JSON-able data."""
-        if self._crowded():
-            held = (r.participant for r in self._reserved_leads.values())
-            seats = [*self._leads.values(), *held]
-        else:
-            held = (r.participant for r in self._reserved.values())
-            seats = [*self.participants.values(), *held]
+        """Everything that must survive a restart, as plain JSON-able data (fresh
+        containers: the writer thread may encode it while the room goes on)."""
         return {
-            "state": self.state(),
-            "queue_seq": self._queue_seq,
-            "seq": self._seq,
-            # hashes only (access.hash_token): the database holds no live token
-            "seats": [
-                {
-                    "id": p.id,
-                    "name": p.name,
-                    "role": p.role,
-                    "seq": p.seq,
-                    "token_hash": p.token_hash,
-                }
-                for p in seats
-                if p.token_hash is not None
-            ],
-            "banned_hashes": self._banned,
-            "password_hash": self.password_hash,
-            "invites": {
-                code: {"role": inv.role, "expires_at": inv.expires_at}
-                for code, inv in self.invites.items()
-            },
+            "format": SNAPSHOT_FORMAT,
+            "version": self.version,
+            "playback": self.playback.to_dict(),
+            "queue": self.playqueue.to_dict(),
+            "seats": self.seats.to_dict(),
+            "gate": self.gate.to_dict(),
         }
 
     @classmethod
@@ -421,69 +453,24 @@ class Room:
         resume_grace_ms: float = RESUME_GRACE_MS,
         rng: random.Random | None = None,
     ) -> Room:
-        """A room from ``snapshot()``. Everyone who was in it gets a held seat."""
+        """A room from ``snapshot()`` (any format). Everyone who was in it gets a held seat."""
+        snap = migrate_snapshot(snap)
         room = cls(name, resume_grace_ms=resume_grace_ms, rng=rng)
-        state = snap["state"]
-        track = state.get("track")
-        room.track = Track(track["url"], track["title"], track["duration"]) if track else None
-        room.timeline = Timeline(
-            paused=bool(state["paused"]),
-            position=float(state["position"]),
-            start_at=float(state["start_at"]),
-            rate=float(state.get("rate", 1.0)),
-        )
-        room.volume = float(state["volume"])
-        room.version = int(state["version"])
-        saved = state.get("settings", {})
-        room.settings = RoomSettings(listeners_may_upload=bool(saved.get("listeners_may_upload")))
-        room.password_hash = snap.get("password_hash")
-        room.invites = {
-            code: Invite(code, inv["role"], float(inv["expires_at"]))
-            for code, inv in snap.get("invites", {}).items()
-        }
-        room.queue = [
-            QueueItem(q["id"], Track(q["url"], q["title"], q["duration"]), q["added_by"])
-            for q in state.get("queue", [])
-        ]
-        room.repeat = state.get("repeat", "off")
-        room.shuffle = bool(state.get("shuffle", False))
-        room._queue_seq = int(snap.get("queue_seq", 0))
-        room._seq = int(snap.get("seq", 0))
-        # Snapshots from before token hashing hold plain tokens ("banned", and
-        # "token" in seats): hash them now, so that they too resume and stay banned.
-        room._banned = {hash_token(str(k)): float(v) for k, v in snap.get("banned", {}).items()}
-        room._banned.update((str(k), float(v)) for k, v in snap.get("banned_hashes", {}).items())
-        room._banned = dict(sorted(room._banned.items(), key=lambda item: item[1]))  # due order
-        grace = max(resume_grace_ms, 0.0)
-        for seat in snap.get("seats", []):
-            token_hash = seat.get("token_hash")
-            if token_hash is None and seat.get("token") is not None:
-                token_hash = hash_token(str(seat["token"]))
-            if token_hash is None:
-                continue
-            p = Participant(
-                seat["id"], seat["name"], seat["role"], seat["seq"], token_hash=str(token_hash)
-            )
-            room._hold(str(token_hash), _Reservation(p, now + grace))
+        room.version = int(snap["version"])
+        room.playback = Playback.from_dict(snap["playback"])
+        room.playqueue = PlayQueue.from_dict(snap["queue"])
+        room.seats = Seats.from_dict(snap["seats"], now, resume_grace_ms)
+        room.gate = Gate.from_dict(snap["gate"])
         return room
 
-    # -- membership ----------------------------------------------------------
+    # -- membership --------------------------------------------------------------------
 
     def join(
         self, pid: str, name: str, now: float, token: str | None = None, role: str | None = None
     ) -> list[Effect]:
         """A new participant. ``role`` (co-host, from an invite) is a floor, not a grant of host."""
-        if pid in self.participants:
-            raise ValueError(f"participant {pid!r} already in room {self.name!r}")
-        self._seq += 1
-        if self.host_id is None and not self.host_reserved and not self.participants:
-            role = HOST
-        elif role != COHOST:
-            role = LISTENER
         token_hash = hash_token(token) if token is not None else None
-        p = Participant(pid, name, role, self._seq, token_hash=token_hash)
-        self._seat(p)
-        self._note_joined(p, now)
+        p = self.seats.join(pid, name, now, token_hash, role)
         return [self._welcome(p, now, token)]
 
     def resume(self, token: str, now: float) -> list[Effect] | None:
@@ -495,14 +482,18 @@ class Room:
         drop of yet) must be released with ``leave`` by the caller first.
         """
         token_hash = hash_token(token)
-        if token_hash not in self._reserved or self.is_banned(token, now):
+        if self.gate.is_banned(token_hash, now):
             return None
-        p = self._release(token_hash).participant  # keeps its seniority (seq)
-        if p.role == HOST and self.host_id is not None:
-            p.role = LISTENER  # someone claimed it meanwhile
-        self._seat(p)
-        self._note_joined(p, now)
-        return [self._welcome(p, now, token)]
+        p = self.seats.resume(token_hash, now)
+        return None if p is None else [self._welcome(p, now, token)]
+
+    def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
+        """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
+        self.seats.leave(pid, now, hold=hold)
+        return []
+
+    def note_rtt(self, pid: str, rtt_ms: float) -> None:
+        self.seats.note_rtt(pid, rtt_ms)
 
     def _welcome(self, p: Participant, now: float, token: str | None) -> Reply:
         you = p.to_wire()
@@ -512,400 +503,22 @@ class Room:
             "you": you,
             "room": self.state(),
             "room_name": self.name,
-            "participants": self._listed_participants(),
-            "participant_count": len(self.participants),
+            "participants": self.seats.listed(),
+            "participant_count": len(self.seats.participants),
             "server_time": now,
             "lead_ms": self.lead_ms(),
         }
         return Reply(p.id, "welcome", welcome)
 
-    def _crowded(self) -> bool:
-        return len(self.participants) > PARTICIPANT_LIST_MAX
-
-    def _listed_participants(self) -> list[dict[str, Any]]:
-        """Everyone in a small room; in a crowd, hosts and co-hosts and the
-        first ``PARTICIPANT_LIST_MAX`` listeners (a welcome stays small)."""
-        if not self._crowded():
-            return [q.to_wire() for q in self.participants.values()]
-        listeners = (q for q in self.participants.values() if q.role == LISTENER)
-        some = [q for q, _ in zip(listeners, range(PARTICIPANT_LIST_MAX), strict=False)]
-        return [q.to_wire() for q in (*self._leads.values(), *some)]
-
-    # -- the indexes ----------------------------------------------------------
-
-    def _seat(self, p: Participant) -> None:
-        self.participants[p.id] = p
-        if p.token_hash is not None:
-            self._by_hash[p.token_hash] = p
-        if p.role != LISTENER:
-            self._leads[p.id] = p
-        if p.rtt_ms is not None:
-            self.note_rtt(p.id, p.rtt_ms)
-
-    def _unseat(self, pid: str) -> Participant:
-        p = self.participants.pop(pid)
-        if p.token_hash is not None:
-            self._by_hash.pop(p.token_hash, None)
-        self._leads.pop(pid, None)
-        if self._worst_rtt is not None and self._worst_rtt[1] == pid:
-            self._find_worst_rtt()
-        return p
-
-    def _hold(self, token_hash: str, reservation: _Reservation) -> None:
-        self._reserved.pop(token_hash, None)  # a re-hold moves to the end (its new deadline)
-        self._reserved[token_hash] = reservation
-        if reservation.participant.role != LISTENER:
-            self._reserved_leads[token_hash] = reservation
-
-    def _release(self, token_hash: str) -> _Reservation:
-        self._reserved_leads.pop(token_hash, None)
-        return self._reserved.pop(token_hash)
-
-    def _find_worst_rtt(self) -> None:
-        rtts = ((p.rtt_ms, p.id) for p in self.participants.values() if p.rtt_ms is not None)
-        self._worst_rtt = max(rtts, default=None)
-
-    def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
-        """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
-        p = self._unseat(pid)
-        self._note_left(p, now)
-        if hold and p.token_hash is not None and self.resume_grace_ms > 0:
-            self._hold(p.token_hash, _Reservation(p, now + self.resume_grace_ms))
-        elif p.role == HOST:
-            self._elect(now)
-        return []
-
-    def _elect(self, now: float) -> None:
-        if self.host_id is None and not self.host_reserved and self.participants:
-            heir = min(self.participants.values(), key=lambda q: q.seq)
-            self._set_role(heir, HOST, now)
+    # -- time ----------------------------------------------------------------------------
 
     def poll(self, now: float) -> list[Effect]:
-        """Advance the queue, expire held seats, flush coalesced presence."""
+        """Advance the queue, expire held seats and bans, flush coalesced presence."""
         effects = self._maybe_advance(now)
-        # Both are in deadline order: stop at the first that is not due.
-        while self._reserved:
-            token, reservation = next(iter(self._reserved.items()))
-            if now < reservation.until:
-                break
-            self.revision += 1
-            self._release(token)
-            if reservation.participant.role == HOST:
-                self._elect(now)
-        while self._banned:
-            token, until = next(iter(self._banned.items()))
-            if now < until:
-                break
-            self.revision += 1
-            del self._banned[token]
-        delta = self._presence
-        if delta.due_at is None or now < delta.due_at:
-            return effects
-        self._presence = _PresenceDelta()
-        if delta.empty():
-            return effects
-        left = set(delta.left) - set(delta.joined)  # a resumed seat is back, not gone
-        joined = list(delta.joined.values())
-        gone = [pid for pid in delta.left if pid in left]
-        if self._crowded():
-            # A crowd hears of hosts and co-hosts by name, of listeners by count.
-            joined = [p for p in joined if p.role != LISTENER]
-            gone = gone[:PARTICIPANT_LIST_MAX]
-        payload = {
-            "joined": [p.to_wire() for p in joined],
-            "left": gone,
-            "changed": [
-                {"id": pid, "role": role} for pid, role in delta.changed.items() if pid not in left
-            ],
-            "count": len(self.participants),
-        }
-        return [*effects, BroadcastPresence(payload)]
-
-    def presence_window_ms(self) -> float:
-        scaled = len(self.participants) * PRESENCE_MS_PER_PARTICIPANT
-        return min(PRESENCE_MAX_COALESCE_MS, max(PRESENCE_COALESCE_MS, scaled))
-
-    def _schedule_presence(self, now: float) -> None:
-        if self._presence.due_at is None:
-            self._presence.due_at = now + self.presence_window_ms()
-
-    def _keeps_seat(self, p: Participant) -> bool:
-        """Whether ``p``'s seat is durable: hosts' and co-hosts' always; a listener's
-        unless the room is a crowd, whose listeners rejoin afresh after a restart
-        (10 000 seats rewritten on every join would make filling a room O(N^2))."""
-        return p.role != LISTENER or not self._crowded()
-
-    def _note_joined(self, p: Participant, now: float) -> None:
-        if self._keeps_seat(p):
-            self.revision += 1
-        self._presence.joined[p.id] = p
-        self._schedule_presence(now)
-
-    def _note_left(self, p: Participant, now: float) -> None:
-        # Even a join from this same window is reported as left: whoever got a
-        # welcome in between already knows the participant.
-        pid = p.id
-        if self._keeps_seat(p):
-            self.revision += 1
-        self._presence.joined.pop(pid, None)
-        if pid not in self._presence.left:
-            self._presence.left.append(pid)
-        self._presence.changed.pop(pid, None)
-        self._schedule_presence(now)
-
-    def _set_role(self, p: Participant, role: str, now: float) -> None:
-        self.revision += 1
-        p.role = role
-        if role == LISTENER:
-            self._leads.pop(p.id, None)
-        elif p.id in self.participants:
-            self._leads[p.id] = p
-        if p.id not in self._presence.joined:
-            self._presence.changed[p.id] = role
-        self._schedule_presence(now)
-
-    # -- messages ------------------------------------------------------------
-
-    def note_rtt(self, pid: str, rtt_ms: float) -> None:
-        self.participants[pid].rtt_ms = rtt_ms
-        worst = self._worst_rtt
-        if worst is None or rtt_ms >= worst[0]:
-            self._worst_rtt = (rtt_ms, pid)
-        elif worst[1] == pid:  # the worst link got better: who is worst now?
-            self._find_worst_rtt()
-
-    def handle(self, pid: str, msg: ClientMessage, now: float) -> list[Effect]:
-        """Apply one decoded control message from participant ``pid``."""
-        sender = self.participants[pid]
-        if isinstance(msg, ClaimHost):
-            return self._claim(sender, now)
-        if isinstance(msg, QueueAdd) and (
-            sender.role in PLAYBACK_ROLES or self.settings.listeners_may_upload
-        ):
-            if not self._changes.try_take(now / MS_PER_SECOND):
-                return [
-                    Error(pid, "rate_limited", "this room is changing too fast; try again soon")
-                ]
-            return self.queue_add(sender, msg, now)
-        if sender.role not in PLAYBACK_ROLES:
-            return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
-        refused = self._over_budget(pid, now)
-        if refused:
-            return refused
-        if isinstance(msg, Kick):
-            return self.kick(pid, msg.id, now)
-        if (
-            isinstance(msg, (TransferHost, RoomSettingsUpdate, CreateInvite, RevokeInvite))
-            and sender.role != HOST
-        ):
-            return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
-        if isinstance(msg, TransferHost):
-            return self._transfer(sender, msg.to, now)
-        if isinstance(msg, RoomSettingsUpdate):
-            return self._update_settings(msg)
-        if isinstance(msg, CreateInvite):
-            return self._create_invite(sender, msg, now)
-        if isinstance(msg, RevokeInvite):
-            return self._revoke_invite(sender, msg.code)
-        if isinstance(msg, SetPassword):
-            raise TypeError("set_password needs hashing at the edge: use set_password_hash")
-        if isinstance(msg, SetTrack):
-            return self._set_track(sender, msg, now)
-        if isinstance(msg, Play):
-            return self._play(msg.position, now)
-        if isinstance(msg, Pause):
-            return self._pause(now)
-        if isinstance(msg, Seek):
-            return self._seek(msg.position, now)
-        if isinstance(msg, Volume):
-            return self._set_volume(msg.volume)
-        if isinstance(msg, QueueRemove):
-            return self._queue_remove(sender, msg.item)
-        if isinstance(msg, QueueMove):
-            return self._queue_move(sender, msg.item, msg.index)
-        if isinstance(msg, QueueNext):
-            return self._queue_next(sender, now)
-        if isinstance(msg, QueueMode):
-            return self._queue_mode(msg)
-        raise TypeError(f"not a control message: {msg!r}")
-
-    def _over_budget(self, pid: str, now: float) -> list[Effect]:
-        """[] while the room may change, else the refusal (the room's own budget)."""
-        if self._changes.try_take(now / MS_PER_SECOND):
-            return []
-        return [Error(pid, "rate_limited", "this room is changing too fast; try again soon")]
-
-    def _claim(self, sender: Participant, now: float) -> list[Effect]:
-        if sender.role == HOST:
-            return []
-        if self.host_id is not None:
-            return [Error(sender.id, "host_exists", "the room already has a host")]
-        if self.host_reserved:
-            return [Error(sender.id, "host_exists", "the host is reconnecting")]
-        self._set_role(sender, HOST, now)
-        return []
-
-    def _transfer(self, sender: Participant, to: str, now: float) -> list[Effect]:
-        target = self.participants.get(to)
-        if target is None:
-            return [Error(sender.id, "no_such_participant", "no participant with that id")]
-        if target is sender:
-            return []
-        self._set_role(sender, COHOST if target.role == COHOST else LISTENER, now)
-        self._set_role(target, HOST, now)
-        return []
-
-    def kick(self, pid: str, target_id: str, now: float) -> list[Effect]:
-        """The host removes ``target_id``; its token may not come back for a while.
-
-        On success the caller must close the target's connection; the returned
-        list then holds a ``Reply(target, "kicked")`` marker.
-        """
-        sender = self.participants[pid]
-        if sender.role != HOST:
-            return [Error(pid, "not_host", "only the host may kick")]
-        target = self.participants.get(target_id)
-        if target is None or target is sender:
-            return [Error(pid, "no_such_participant", "no other participant with that id")]
-        if target.token_hash is not None:
-            self.revision += 1
-            self._banned.pop(target.token_hash, None)  # re-banned: moves to the end
-            self._banned[target.token_hash] = now + KICK_BAN_MS
-        self.leave(target_id, now, hold=False)
-        return [Reply(target_id, "kicked", {})]
-
-    def _effective_time(self, now: float, extra_ms: float = 0.0) -> float:
-        return max(now + self.lead_ms() + extra_ms, self.timeline.start_at)
-
-    def _clamp(self, position: float) -> float:
-        if self.track is not None and self.track.duration is not None:
-            return min(max(0.0, position), self.track.duration)
-        return max(0.0, position)
-
-    def _commit(self, timeline: Timeline | None = None) -> list[Effect]:
-        if timeline is not None:
-            self.timeline = timeline
-        self.version += 1
-        self.revision += 1
-        queue_key = tuple(item.id for item in self.queue)  # ids are never reused
-        if queue_key != self._queue_key:
-            self._queue_key = queue_key
-            self.queue_rev += 1
-        return [BroadcastState(self.state(), self.queue_rev)]
-
-    def _set_track(self, sender: Participant, msg: SetTrack, now: float) -> list[Effect]:
-        try:
-            url = validate_track_url(msg.url)
-        except BadURL as exc:
-            return [Error(sender.id, "bad_url", str(exc))]
-        title = clean_title(msg.title) or _title_from_url(url)
-        self.track = Track(url, title, msg.duration)
-        extra = TRACK_PRELOAD_LEAD_MS if msg.autoplay else 0.0
-        at = self._effective_time(now, extra)
-        return self._commit(Timeline(paused=not msg.autoplay, position=0.0, start_at=at))
-
-    def _play(self, position: float | None, now: float) -> list[Effect]:
-        if not self.timeline.paused and position is None:
-            return []
-        at = self._effective_time(now)
-        start = self.position_at(at) if position is None else self._clamp(position)
-        return self._commit(Timeline(paused=False, position=start, start_at=at))
-
-    def _pause(self, now: float) -> list[Effect]:
-        if self.timeline.paused:
-            return []
-        at = self._effective_time(now)
-        return self._commit(Timeline(paused=True, position=self.position_at(at), start_at=at))
-
-    def _seek(self, position: float, now: float) -> list[Effect]:
-        at = self._effective_time(now)
-        return self._commit(replace(self.timeline, position=self._clamp(position), start_at=at))
-
-    # -- queue ---------------------------------------------------------------
-
-    def queue_add(
-        self, sender: Participant, msg: QueueAdd, now: float, resolved: Track | None = None
-    ) -> list[Effect]:
-        """Queue ``msg.url`` (or ``resolved``, a library track the edge looked up)."""
-        if resolved is None:
-            if msg.url is None:
-                code = "no_such_track" if msg.track_id else "bad_message"
-                return [Error(sender.id, code, "queue_add needs a url or a known track_id")]
-            try:
-                url = validate_track_url(msg.url)
-            except BadURL as exc:
-                return [Error(sender.id, "bad_url", str(exc))]
-            title = clean_title(msg.title) or _title_from_url(url)
-            resolved = Track(url, title, msg.duration)
-        if len(self.queue) >= MAX_QUEUE_ITEMS:
-            return [Error(sender.id, "queue_full", f"the queue holds {MAX_QUEUE_ITEMS} tracks")]
-        self._queue_seq += 1
-        item = QueueItem(f"q{self._queue_seq}", resolved, sender.name)
-        if msg.next:
-            self.queue.insert(0, item)
-        else:
-            self.queue.append(item)
-        if self.track is None:  # an empty room: the first track becomes current, paused
-            return self._start_next(now, autoplay=False)
-        return self._commit()
-
-    def _find_item(self, item_id: str) -> int | None:
-        return next((i for i, item in enumerate(self.queue) if item.id == item_id), None)
-
-    def _queue_remove(self, sender: Participant, item_id: str) -> list[Effect]:
-        index = self._find_item(item_id)
-        if index is None:
-            return [Error(sender.id, "no_such_item", "no queue item with that id")]
-        del self.queue[index]
-        return self._commit()
-
-    def _queue_move(self, sender: Participant, item_id: str, to: int) -> list[Effect]:
-        index = self._find_item(item_id)
-        if index is None:
-            return [Error(sender.id, "no_such_item", "no queue item with that id")]
-        item = self.queue.pop(index)
-        self.queue.insert(min(to, len(self.queue)), item)
-        return self._commit()
-
-    def _queue_next(self, sender: Participant, now: float) -> list[Effect]:
-        if not self.queue and not (self.repeat == "all" and self.track is not None):
-            return [Error(sender.id, "queue_empty", "nothing is queued")]
-        return self._start_next(now, autoplay=True, skipping=True)
-
-    def _queue_mode(self, msg: QueueMode) -> list[Effect]:
-        repeat = self.repeat if msg.repeat is None else msg.repeat
-        shuffle = self.shuffle if msg.shuffle is None else msg.shuffle
-        if (repeat, shuffle) == (self.repeat, self.shuffle):
-            return []
-        self.repeat, self.shuffle = repeat, shuffle
-        return self._commit()
-
-    def _pick_next(self, skipping: bool) -> Track | None:
-        """Take the track that follows the current one, honouring repeat and shuffle."""
-        current = self.track
-        if self.repeat == "one" and current is not None and not skipping:
-            return current
-        if self.repeat == "all" and current is not None:
-            self._queue_seq += 1
-            self.queue.append(QueueItem(f"q{self._queue_seq}", current, "repeat"))
-        if not self.queue:
-            return None
-        index = self._rng.randrange(len(self.queue)) if self.shuffle else 0
-        if self.repeat == "all" and self.shuffle and len(self.queue) > 1:
-            index = self._rng.randrange(len(self.queue) - 1)  # not the one just played
-        return self.queue.pop(index).track
-
-    def _start_next(
-        self, now: float, autoplay: bool, skipping: bool = False, at: float | None = None
-    ) -> list[Effect]:
-        track = self._pick_next(skipping)
-        if track is None:
-            return []
-        self.track = track
-        if at is None:
-            extra = TRACK_PRELOAD_LEAD_MS if autoplay else 0.0
-            at = max(now + self.lead_ms() + extra, self.timeline.start_at)
-        return self._commit(Timeline(paused=not autoplay, position=0.0, start_at=at))
+        self.seats.expire(now)
+        self.gate.expire(now)
+        delta = self.seats.flush_presence(now)
+        return effects if delta is None else [*effects, BroadcastPresence(delta)]
 
     def _maybe_advance(self, now: float) -> list[Effect]:
         """At the advance time, schedule the next track to start exactly when this one ends."""
@@ -916,19 +529,106 @@ class Room:
         effects = self._start_next(now, autoplay=True, at=end)
         if effects:
             return effects
-        duration = self.track.duration if self.track else None
-        return self._commit(Timeline(paused=True, position=duration or 0.0, start_at=end))
+        self.playback.settle_at_end(end)
+        return self._commit()
+
+    def _start_next(
+        self, now: float, autoplay: bool, skipping: bool = False, at: float | None = None
+    ) -> list[Effect]:
+        track = self.playqueue.pick_next(self.playback.track, self._rng, skipping=skipping)
+        if track is None:
+            return []
+        if at is None:
+            extra = TRACK_PRELOAD_LEAD_MS if autoplay else 0.0
+            at = self.playback.effective_time(now, self.lead_ms(), extra)
+        self.playback.start(track, at, autoplay=autoplay)
+        return self._commit()
+
+    def _commit(self) -> list[Effect]:
+        """One change every part agrees on: a new version, broadcast as a state."""
+        self.version += 1
+        self._commits += 1
+        queue_rev = self.playqueue.note_broadcast()
+        return [BroadcastState(self.state(), queue_rev)]
+
+    def _changed(self, changed: bool) -> list[Effect]:
+        return self._commit() if changed else []
+
+    # -- messages --------------------------------------------------------------------------
+
+    def handle(self, pid: str, msg: ClientMessage, now: float) -> list[Effect]:
+        """Apply one decoded control message from participant ``pid``."""
+        sender = self.seats.participants[pid]
+        kind = type(msg)
+        transition = TRANSITIONS.get(kind)
+        if transition is None:
+            raise TypeError(f"not a control message: {msg!r}")
+        if not self.may_send(sender, kind):
+            return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
+        if kind not in FREE_MESSAGES and not self._changes.try_take(now / MS_PER_SECOND):
+            return [Error(pid, "rate_limited", "this room is changing too fast; try again soon")]
+        try:
+            return transition(self, sender, msg, now)
+        except Refusal as refusal:
+            return [Error(pid, refusal.code, refusal.message)]
+
+    def set_password_hash(self, pid: str, password_hash: str | None) -> list[Effect]:
+        """The host protects the room (a salted hash made by the edge) or opens it."""
+        sender = self.seats.participants.get(pid)
+        if sender is None or not self.may_send(sender, SetPassword):
+            return [Error(pid, "not_host", "only the host may set the password")]
+        return self._changed(self.gate.set_password_hash(password_hash))
+
+    def kick(self, pid: str, target_id: str, now: float) -> list[Effect]:
+        """The host removes ``target_id``; its token may not come back for a while.
+
+        On success the effects hold a ``Disconnect`` for the target: the caller
+        closes its connection.
+        """
+        sender = self.seats.participants[pid]
+        if not self.may_send(sender, Kick):
+            return [Error(pid, "not_host", "only the host may send kick")]
+        try:
+            return self._kick(sender, Kick(id=target_id), now)
+        except Refusal as refusal:
+            return [Error(pid, refusal.code, refusal.message)]
+
+    def queue_add(
+        self, sender: Participant, msg: QueueAdd, now: float, resolved: Track | None = None
+    ) -> list[Effect]:
+        """Queue ``msg.url`` (or ``resolved``, a library track the edge looked up)."""
+        try:
+            return self._queue_add(sender, msg, now, resolved)
+        except Refusal as refusal:
+            return [Error(sender.id, refusal.code, refusal.message)]
+
+    # -- transitions (TRANSITIONS): each raises Refusal before it changes anything ----------
+
+    def _claim(self, sender: Participant, msg: ClaimHost, now: float) -> list[Effect]:
+        self.seats.claim(sender.id, now)
+        return []
+
+    def _transfer(self, sender: Participant, msg: TransferHost, now: float) -> list[Effect]:
+        self.seats.transfer(sender.id, msg.to, now)
+        return []
+
+    def _kick(self, sender: Participant, msg: Kick, now: float) -> list[Effect]:
+        target = self.seats.participants.get(msg.id)
+        if target is None or target is sender:
+            raise Refusal("no_such_participant", "no other participant with that id")
+        if target.token_hash is not None:
+            self.gate.ban(target.token_hash, now + KICK_BAN_MS)
+        self.seats.leave(target.id, now, hold=False)
+        reason = "the host removed you from this room"
+        return [Disconnect(target.id, "kicked", reason, CLOSE_KICKED)]
+
+    def _update_settings(
+        self, sender: Participant, msg: RoomSettingsUpdate, now: float
+    ) -> list[Effect]:
+        return self._changed(self.gate.set_listeners_may_upload(msg.listeners_may_upload))
 
     def _create_invite(self, sender: Participant, msg: CreateInvite, now: float) -> list[Effect]:
-        for code, invite in list(self.invites.items()):
-            if now >= invite.expires_at:
-                self.revision += 1
-                del self.invites[code]
-        if len(self.invites) >= MAX_INVITES:
-            return [Error(sender.id, "too_many_invites", f"at most {MAX_INVITES} live invites")]
-        invite = Invite(self._new_code(), msg.role, now + msg.expires_in * MS_PER_SECOND)
-        self.invites[invite.code] = invite
-        self.revision += 1
+        invite = self.gate.create_invite(msg.role, msg.expires_in, now)
         payload = {
             "code": invite.code,
             "role": invite.role,
@@ -937,28 +637,78 @@ class Room:
         }
         return [Reply(sender.id, "invite", payload)]
 
-    def _revoke_invite(self, sender: Participant, code: str) -> list[Effect]:
-        if self.invites.pop(code, None) is None:
-            return [Error(sender.id, "no_such_invite", "no live invite with that code")]
-        self.revision += 1
-        return [Reply(sender.id, "invite_revoked", {"code": code})]
+    def _revoke_invite(self, sender: Participant, msg: RevokeInvite, now: float) -> list[Effect]:
+        self.gate.revoke_invite(msg.code)
+        return [Reply(sender.id, "invite_revoked", {"code": msg.code})]
 
-    def _update_settings(self, msg: RoomSettingsUpdate) -> list[Effect]:
-        if msg.listeners_may_upload is None:
-            return []
-        self.settings = replace(self.settings, listeners_may_upload=msg.listeners_may_upload)
+    def _set_password(self, sender: Participant, msg: SetPassword, now: float) -> list[Effect]:
+        raise TypeError("set_password needs hashing at the edge: use set_password_hash")
+
+    def _set_track(self, sender: Participant, msg: SetTrack, now: float) -> list[Effect]:
+        track = _track_from(msg.url, msg.title, msg.duration)
+        return self._changed(
+            self.playback.set_track(track, now, self.lead_ms(), autoplay=msg.autoplay)
+        )
+
+    def _play(self, sender: Participant, msg: Play, now: float) -> list[Effect]:
+        return self._changed(self.playback.play(msg.position, now, self.lead_ms()))
+
+    def _pause(self, sender: Participant, msg: Pause, now: float) -> list[Effect]:
+        return self._changed(self.playback.pause(now, self.lead_ms()))
+
+    def _seek(self, sender: Participant, msg: Seek, now: float) -> list[Effect]:
+        return self._changed(self.playback.seek(msg.position, now, self.lead_ms()))
+
+    def _set_volume(self, sender: Participant, msg: Volume, now: float) -> list[Effect]:
+        return self._changed(self.playback.set_volume(msg.volume))
+
+    def _queue_add(
+        self, sender: Participant, msg: QueueAdd, now: float, resolved: Track | None = None
+    ) -> list[Effect]:
+        if resolved is None:
+            if msg.url is None:
+                code = "no_such_track" if msg.track_id else "bad_message"
+                raise Refusal(code, "queue_add needs a url or a known track_id")
+            resolved = _track_from(msg.url, msg.title, msg.duration)
+        self.playqueue.add(resolved, sender.name, front=msg.next)
+        if self.playback.track is None:  # an empty room: the first track becomes current, paused
+            return self._start_next(now, autoplay=False)
         return self._commit()
 
-    def _set_volume(self, volume: float) -> list[Effect]:
-        if volume == self.volume:
-            return []
-        self.volume = volume
-        return self._commit()
+    def _queue_remove(self, sender: Participant, msg: QueueRemove, now: float) -> list[Effect]:
+        return self._changed(self.playqueue.remove(msg.item))
+
+    def _queue_move(self, sender: Participant, msg: QueueMove, now: float) -> list[Effect]:
+        return self._changed(self.playqueue.move(msg.item, msg.index))
+
+    def _queue_next(self, sender: Participant, msg: QueueNext, now: float) -> list[Effect]:
+        if not self.playqueue.has_follower(self.playback.track):
+            raise Refusal("queue_empty", "nothing is queued")
+        return self._start_next(now, autoplay=True, skipping=True)
+
+    def _queue_mode(self, sender: Participant, msg: QueueMode, now: float) -> list[Effect]:
+        return self._changed(self.playqueue.set_mode(msg.repeat, msg.shuffle))
 
 
-def _title_from_url(url: str) -> str:
-    from urllib.parse import unquote, urlsplit
+Transition = Callable[[Room, Participant, Any, float], list[Effect]]
 
-    last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-    stem = last.rsplit(".", 1)[0]
-    return clean_title(stem) or "untitled"  # %-escapes may decode to control characters
+# Which transition each control message runs (PERMISSIONS says who may send it).
+TRANSITIONS: dict[type[ClientMessage], Transition] = {
+    ClaimHost: Room._claim,
+    SetTrack: Room._set_track,
+    Play: Room._play,
+    Pause: Room._pause,
+    Seek: Room._seek,
+    Volume: Room._set_volume,
+    QueueAdd: Room._queue_add,
+    QueueRemove: Room._queue_remove,
+    QueueMove: Room._queue_move,
+    QueueNext: Room._queue_next,
+    QueueMode: Room._queue_mode,
+    TransferHost: Room._transfer,
+    Kick: Room._kick,
+    RoomSettingsUpdate: Room._update_settings,
+    CreateInvite: Room._create_invite,
+    RevokeInvite: Room._revoke_invite,
+    SetPassword: Room._set_password,
+}

@@ -290,17 +290,18 @@ def test_snapshot_holds_token_hashes_and_old_plain_snapshots_still_resume() -> N
     snap = room.snapshot()
     text = json.dumps(snap)
     assert "tok-" not in text  # not one token in plain form
-    assert {s["token_hash"] for s in snap["seats"]} == {hash_token("tok-h"), hash_token("tok-l")}
+    seats = snap["seats"]["seats"]
+    assert {s["token_hash"] for s in seats} == {hash_token("tok-h"), hash_token("tok-l")}
     again = Room.restore("main", json.loads(text), T0 + 1_000)
     assert again.resume("tok-l", T0 + 2_000) is not None
     assert again.is_banned("tok-k", T0 + 2_000)
-    # A database written before hashing: seats carry "token", bans are keyed by token.
-    old = json.loads(text)
+    # A database written before hashing (snapshot format 1, as tests/data holds one):
+    # seats carry "token", bans are keyed by token.
+    old = json.loads((Path(__file__).parent / "data" / "room_snapshot_v1.json").read_text())
+    plain = {hash_token(t): t for t in ("tok-h", "tok-c", "tok-l", "tok-m", "tok-k")}
     for seat in old["seats"]:
-        seat["token"] = {hash_token("tok-h"): "tok-h", hash_token("tok-l"): "tok-l"}[
-            seat.pop("token_hash")
-        ]
-    old["banned"] = {"tok-k": old.pop("banned_hashes")[hash_token("tok-k")]}
+        seat["token"] = plain[seat.pop("token_hash")]
+    old["banned"] = {plain[k]: v for k, v in old.pop("banned_hashes").items()}
     restored = Room.restore("main", old, T0 + 1_000)
     assert "tok-" not in json.dumps(restored.snapshot())  # hashed on restore
     effects = restored.resume("tok-h", T0 + 2_000)

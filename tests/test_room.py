@@ -868,7 +868,35 @@ def test_a_crowd_names_its_leads_and_counts_its_listeners() -> None:
     assert room.revision == revision  # a crowd's listener join: nothing durable changed
     (presence,) = [e for e in room.poll(T0 + 20_000) if isinstance(e, BroadcastPresence)]
     assert presence.delta["joined"] == [] and presence.delta["count"] == PARTICIPANT_LIST_MAX + 2
-    assert [s for s in room.snapshot()["seats"] if s["role"] == LISTENER] == []
+    assert [s for s in room.snapshot()["seats"]["seats"] if s["role"] == LISTENER] == []
     room.leave("late", T0 + 20_000)
     room.leave("l0", T0 + 20_000)  # back to PARTICIPANT_LIST_MAX: not a crowd any more
-    assert len(room.snapshot()["seats"]) > PARTICIPANT_LIST_MAX  # listeners durable again
+    assert len(room.snapshot()["seats"]["seats"]) > PARTICIPANT_LIST_MAX  # listeners durable again
+
+
+# -- the tables and the typed effects --------------------------------------------
+
+
+def test_every_control_message_has_one_rule_and_one_transition() -> None:
+    from musicsync.protocol import CLIENT_MESSAGES, Ping, Report
+    from musicsync.room import PERMISSIONS, TRANSITIONS
+
+    controls = set(CLIENT_MESSAGES.values()) - {Ping, Report}
+    assert set(PERMISSIONS) == set(TRANSITIONS) == controls
+    assert all(roles <= {HOST, "cohost", LISTENER} for roles in PERMISSIONS.values())
+
+
+def test_a_kick_is_a_typed_disconnect_with_the_close_code_of_the_hub() -> None:
+    from musicsync.hub import CLOSE_KICKED
+    from musicsync.protocol import Kick
+    from musicsync.room import Disconnect
+
+    room = make_room("a", "b")
+    effects = room.handle("a", Kick(id="b"), T0 + 1000)
+    assert effects == [
+        Disconnect("b", "kicked", "the host removed you from this room", CLOSE_KICKED)
+    ]
+    assert "b" not in room.participants
+    assert room.handle("a", Kick(id="b"), T0 + 1000)[0] == Error(
+        "a", "no_such_participant", "no other participant with that id"
+    )
