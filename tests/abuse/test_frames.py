@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 import trio
+
+from musicsync.ratelimit import PING_BURST, PING_RATE_PER_SECOND
 
 from ..conftest import connect, open_ws
 from .conftest import (
@@ -72,12 +75,19 @@ async def test_flood_of_pings(arena: Arena) -> None:
 async def test_flood_of_frames_in_one_write(arena: Arena) -> None:
     """1000 pings in one write: past the frame budget (240) at once: 1008, nothing else."""
     async with arena.attack(), RawWS.open(arena.server) as raw:
+        sent_at = trio.current_time()
         await raw.send(b"".join(text({"type": "ping", "t0": i}) for i in range(1000)))
         out = await raw.outcome()
+        elapsed = trio.current_time() - sent_at
         pongs = [m for m in out.messages if m["type"] == "pong"]
         assert out.close_code == 1008
-        assert len(pongs) <= 60  # the ping bucket's burst at most, before the close
-        arena.note(f"1000 pings in one write: {len(pongs)} pongs, then close 1008")
+        # The ping bucket's burst, plus what it refilled while the server read
+        # the 240 frames its frame budget lets through (a loaded machine may
+        # take tens of ms over them, so a 61st pong can be honest).
+        allowed = int(PING_BURST) + math.ceil(PING_RATE_PER_SECOND * elapsed)
+        assert len(pongs) <= allowed
+        ms = elapsed * 1000
+        arena.note(f"1000 pings in one write: {len(pongs)} pongs (≤ {allowed}, {ms:.0f} ms), 1008")
 
 
 async def test_flood_of_binary_frames(arena: Arena) -> None:
