@@ -701,7 +701,10 @@ def free_bytes(path: Path) -> int:
 
 async def test_a_stream_cannot_push_the_disk_under_the_floor(tmp_path: Path) -> None:
     """No Content-Length (chunked): refused 507 once the written bytes would cross the floor."""
-    data = audio.wav(250.0)  # 4 MB: 16 000 bytes a second
+    # 32 MB (16 000 bytes a second) against a floor 2 MiB under today's free
+    # space: the disk's other writers would have to free 30 MB during the
+    # upload for it to fit (4 MB did fit once while other suites ran).
+    data = audio.wav(2000.0)
     settings = make_settings(tmp_path, min_free_disk_bytes=free_bytes(tmp_path) - 2 * MiB)
     async with open_server(settings) as server, host_of(server) as host:
         body = multipart("big.wav", data)
