@@ -115,6 +115,7 @@ def fan_out(
                 "p50_ms": bf.rnd(bf.percentile(delays, 50)),
                 "p99_ms": bf.rnd(bf.percentile(delays, 99)),
                 "max_ms": bf.rnd(max(delays, default=float("nan"))),
+                "close_codes": rep["close_codes"],
             }
         )
     return out
@@ -163,6 +164,8 @@ def measure(args: argparse.Namespace, workdir: Path, redis_url: str, n: int) -> 
         row["cluster_seated"] = seat([la, lb], n, args.batch, args.seat_budget)
         row["node_a"], row["node_b"] = fan_out([la, lb], la, args.changes, args.interval, v0)
         row["server_log_errors"] = sum(s.log_count("Traceback") for s in servers)
+        row["refused_changes"] = sum(s.log_count("refused after") for s in servers)
+        row["redis_unavailable"] = sum(s.log_count("Redis unavailable") for s in servers)
     finally:
         for load in loads:
             load.close()

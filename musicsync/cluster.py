@@ -23,7 +23,7 @@ import math
 import re
 import secrets
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,7 +307,9 @@ class RoomPipe:
                 return
             # lost the race: outcome is (rev, value text); catch up, apply again
             rev, text = outcome
+            self.backend.stats["lost_races"] += 1
             await self._catch_up(rev, text)
+        log.warning("room %s: a change refused after %d lost races", self.name, MAX_COMMIT_ATTEMPTS)
         self._refuse(op)
 
     async def _commit(self, effects: list[Effect], token: str) -> Any:
@@ -333,6 +335,7 @@ class RoomPipe:
         status, rev = int(result[0]), int(result[1])
         if status == 1:
             self.rev, self.value = rev, value
+            backend.stats["commits"] += 1
             backend.mark_up()
             return True
         if status == -1:
@@ -393,6 +396,7 @@ class RedisBackend:
         self.room_ttl_ms = int(settings.room_idle_ttl * 1000) + ROOM_TTL_MARGIN_MS
         self.pipes: dict[str, RoomPipe] = {}
         self.available = True
+        self.stats: Counter[str] = Counter()  # commits, lost_races
         self._hub: Hub | None = None
         self._redis: coredis.Redis[str] | None = None
         self._nursery: trio.Nursery | None = None
