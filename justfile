@@ -26,6 +26,8 @@ setup:
     command -v WebKitWebDriver >/dev/null 2>&1 || missing+=(webkit2gtk-driver)
     command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
+    # ...and for tests/cluster (musicsync serve --redis): a real Redis
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
         $SUDO apt-get update -q

@@ -778,6 +778,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main() -> int:
+    if "--redis" in sys.argv[1:]:  # just bench --redis: two nodes through Redis (bench_cluster.py)
+        import bench_cluster
+
+        return bench_cluster.main([a for a in sys.argv[1:] if a != "--redis"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="500 and 2000, one run: ~1 min")
     parser.add_argument("--runs", type=int, default=0, help="runs to take the median of (3)")

@@ -116,11 +116,17 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:
             await trio.to_thread.run_sync(ensure_demo_tracks, settings.media_dir)
-        store = await trio.to_thread.run_sync(RoomStore.open_or_reset, settings.data_dir)
-        hub = Hub(settings, ServerClock(trio.current_time), store)
+        store, backend = None, None
+        if settings.redis is not None:  # rooms live in Redis, shared with the other nodes
+            from .cluster import RedisBackend
+
+            backend = RedisBackend(settings, settings.redis)
+        else:
+            store = await trio.to_thread.run_sync(RoomStore.open_or_reset, settings.data_dir)
+        hub = Hub(settings, ServerClock(trio.current_time), store, backend)
         await app.nursery.start(hub.run)
         restored = await hub.restore_rooms()
-        if restored:
+        if restored and store is not None:
             log.info("restored %d room(s) from %s", restored, store.path)
         hub.track_lookup = _library_lookup(library)
         state["hub"] = app.extensions["musicsync_hub"] = hub
@@ -402,7 +408,9 @@ async def serve_websocket(hub: Hub, settings: Settings, knock: Knock, door: Door
                 name = sanitize_display_name(knock.args.get("name"))
                 token = knock.args.get("token") or None
                 client.sink = ws.sink  # the welcome, too, goes straight to the socket
-                hub.join(knock.room, client, name, resume_token=token, role=outcome.role)
+                seated = hub.join(knock.room, client, name, resume_token=token, role=outcome.role)
+                if seated is not None:  # shared rooms: once the seat is committed
+                    await seated.wait()
                 await serve_client(hub, knock.room, client, ws)
     finally:
         hub.leave(knock.room, client)
@@ -417,6 +425,9 @@ async def _admission(
         hub.stats.errors["bad_origin"] += 1
         return HTTPStatus.FORBIDDEN  # before the upgrade: another site cannot drive a visitor in
     token = knock.args.get("token") or None
+    unavailable = await hub.load_room(knock.room)  # a shared room: its newest state first
+    if unavailable is not None:
+        return Refusal(*unavailable)
     entry = hub.rooms.get(knock.room)
     now = hub.clock.now_ms()
     if token and entry is not None and entry.room.is_banned(token, now):

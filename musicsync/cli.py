@@ -132,6 +132,7 @@ def settings_from_args(
 
 HTTP_READ_TIMEOUT = 60  # seconds (Hypercorn takes an int)
 EXIT_DATA_DIR_BUSY = 2  # another server holds the data directory
+EXIT_REDIS_UNUSABLE = 2  # --redis names a Redis that does not answer (or coredis is missing)
 # Connections the kernel may hold before we accept them (capped by somaxconn):
 # a room filling at festival pace must not see refused or retried handshakes.
 LISTEN_BACKLOG = 4096
@@ -259,6 +260,15 @@ async def serve_until_signalled(settings: Settings, data_lock: DataDirLock) -> N
     log.info("stopped")
 
 
+def redis_problem(url: str) -> str | None:
+    """None if the Redis at ``url`` answers; else why not, in one line."""
+    try:
+        from .cluster import probe
+    except ImportError as exc:
+        return f"--redis needs the coredis package ({exc}): pip install 'musicsync[redis]'"
+    return trio.run(probe, url)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -269,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in (settings.certfile, settings.keyfile):
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
+    if settings.redis is not None:  # one clear line now rather than a failed startup later
+        problem = redis_problem(settings.redis)
+        if problem is not None:
+            parser.exit(EXIT_REDIS_UNUSABLE, f"musicsync: {problem}\n")
     # Before anything else starts: a second server on the same data directory
     # stops here, with one line, and never touches the room database.
     try:

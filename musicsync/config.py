@@ -109,6 +109,8 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     max_rooms: int = MAX_ROOMS
     new_rooms_per_ip_per_hour: int = NEW_ROOMS_PER_IP_PER_HOUR
+    # redis://HOST:PORT/DB: rooms live in Redis, shared by every node given it.
+    redis: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -221,6 +223,42 @@ def _public_url(text: str) -> str:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("must not carry credentials, a query or a fragment")
     return url
+
+
+REDIS_SCHEMES = ("redis", "rediss")
+MAX_REDIS_DB = 15  # Redis's default number of logical databases, 0..15
+
+
+def parse_redis_url(text: str) -> str:
+    """``redis://[user:password@]host[:port][/db]`` (or ``rediss://``), checked."""
+    url = text.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a Redis URL ({exc})") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError("must start with redis:// or rediss://, like redis://127.0.0.1:6379/0")
+    if not parts.hostname:
+        raise ValueError("names no host, like redis://127.0.0.1:6379/0")
+    if port == 0:
+        raise ValueError("port 0 is not a Redis port")
+    db = parts.path.strip("/")
+    if db and (not db.isdigit() or int(db) > MAX_REDIS_DB):
+        raise ValueError(f"the database (path) must be a number from 0 to {MAX_REDIS_DB}")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query or a fragment")
+    return url
+
+
+def redis_url_for_humans(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
 
 
 @dataclass(frozen=True)
@@ -490,6 +528,15 @@ OPTIONS: tuple[Option, ...] = (
         _int_between(1, 10_000_000),
         "new rooms one address may open per hour",
         "int",
+    ),
+    Option(
+        "redis",
+        "redis",
+        parse_redis_url,
+        "redis://HOST:PORT/DB: share rooms with every server given the same Redis"
+        " (several processes or machines); without it rooms live in --data's SQLite",
+        "str",
+        "URL",
     ),
 )
 

@@ -92,6 +92,49 @@ class Sink(Protocol):
         ...
 
 
+# A change to a room, applied to whichever copy of it is current: (room, now) -> effects.
+RoomOp = Callable[[Room, float], list[Effect]]
+
+
+class RoomBackend(Protocol):
+    """Where rooms live when other server processes share them (cluster.py, ``--redis``).
+
+    Without one the hub keeps rooms itself and persists them to SQLite. With
+    one, every change to a room goes through it as an operation (applied, and
+    applied again after a lost race) and its effects are delivered only once
+    the backend has committed it.
+    """
+
+    async def run(self, hub: Hub, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    async def load(self, room_name: str) -> tuple[str, str, int] | None:
+        """Bring in the shared room's newest state; a refusal (code, message, close code)."""
+        ...
+
+    def join(
+        self,
+        entry: RoomEntry,
+        client: Client,
+        name: str,
+        resume_token: str | None,
+        role: str | None,
+    ) -> trio.Event: ...
+
+    def leave(self, entry: RoomEntry, pid: str) -> None: ...
+
+    async def change(self, entry: RoomEntry, client: Client, op: RoomOp) -> None: ...
+
+    def tick(self, entry: RoomEntry, now: float) -> float:
+        """The room's timer is due; returns the trio time before which not to tick it again."""
+        ...
+
+    def forget(self, room_name: str) -> None: ...
+
+    async def close(self, room_name: str) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
 class Client:
     """One connected participant as the edge sees it: outbox, doorbell, fate.
 
@@ -231,11 +274,16 @@ class Hub:
     """All rooms of this process and the clients in them."""
 
     def __init__(
-        self, settings: Settings, clock: ServerClock, store: RoomStore | None = None
+        self,
+        settings: Settings,
+        clock: ServerClock,
+        store: RoomStore | None = None,
+        backend: RoomBackend | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.store = store
+        self.backend = backend  # rooms shared with other processes (--redis), or None
         self._db_lane = trio.CapacityLimiter(1)  # one writer thread, writes in order
         self.writer = RoomWriter(store, self._db_lane) if store is not None else None
         # One timer for every room: (due, seq, entry); see _timer_loop.
@@ -261,6 +309,8 @@ class Hub:
             self._nursery = nursery
             if self.writer is not None:
                 await nursery.start(self.writer.run)
+            if self.backend is not None:
+                await nursery.start(self.backend.run, self)
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self.sweep_heartbeats)
             task_status.started()
@@ -306,6 +356,8 @@ class Hub:
         entry.clients.clear()
         for client in clients:
             client.fail(CLOSE_ROOM_CLOSED, "room closed by the operator")
+        if self.backend is not None:
+            await self.backend.close(room_name)
         await self._forget(room_name)  # the timer drops the entry: no longer in self.rooms
         return len(clients)
 
@@ -399,7 +451,15 @@ class Hub:
         if done is not None:
             await done.wait()
 
+    async def load_room(self, room_name: str) -> tuple[str, str, int] | None:
+        """Before admission: a shared room's newest state (a refusal if it cannot be had)."""
+        if self.backend is None:
+            return None
+        return await self.backend.load(room_name)
+
     async def persist_all(self) -> None:
+        if self.backend is not None:
+            await self.backend.flush()
         for entry in list(self.rooms.values()):
             self._persist_soon(entry, [])
         if self.writer is not None:
@@ -459,9 +519,15 @@ class Hub:
         name: str,
         resume_token: str | None = None,
         role: str | None = None,
-    ) -> None:
-        """Seat ``client``: as the participant ``resume_token`` names, else as someone new."""
+    ) -> trio.Event | None:
+        """Seat ``client``: as the participant ``resume_token`` names, else as someone new.
+
+        With a backend the seat is taken once the backend has committed it: the
+        event is set then (or once it was refused: ``client.close_code`` is set).
+        """
         entry = self.room_entry(room_name)
+        if self.backend is not None:
+            return self.backend.join(entry, client, name, resume_token, role)
         room = entry.room
         now = self.clock.now_ms()
         effects = None
@@ -481,6 +547,7 @@ class Hub:
         entry.empty_since = None
         client.queue_rev = room.queue_rev  # the welcome carries the whole queue
         self._apply(entry, effects)
+        return None
 
     def participant_for_token(self, room_name: str, token: str) -> Participant | None:
         entry = self.rooms.get(room_name)
@@ -502,7 +569,10 @@ class Hub:
         if entry is None or entry.clients.get(client.id) is not client:
             return  # never seated, or replaced by a newer connection
         del entry.clients[client.id]
-        self._apply(entry, entry.room.leave(client.id, self.clock.now_ms()))
+        if self.backend is not None:
+            self.backend.leave(entry, client.id)
+        else:
+            self._apply(entry, entry.room.leave(client.id, self.clock.now_ms()))
         if not entry.clients:
             entry.empty_since = trio.current_time()
             entry.wake()
@@ -512,11 +582,29 @@ class Hub:
         entry = self.rooms[room_name]
         if isinstance(msg, QueueAdd) and msg.track_id is not None and msg.url is None:
             msg = self._resolve_queue_add(msg)
+        if self.backend is not None:
+            await self.backend.change(entry, client, await self._room_op(entry, client, msg))
+            return
         if isinstance(msg, SetPassword):
             effects = await self._set_password(entry, client, msg.password)
         else:
             effects = entry.room.handle(client.id, msg, self.clock.now_ms())
         await self._persist_then_apply(entry, effects)
+
+    async def _room_op(self, entry: RoomEntry, client: Client, msg: ClientMessage) -> RoomOp:
+        """``msg`` as an operation on whichever copy of the room is current."""
+        if not isinstance(msg, SetPassword):
+            return lambda room, now: room.handle(client.id, msg, now)
+        sender = entry.room.participants.get(client.id)
+        if sender is None or sender.role != HOST:
+            refusal: list[Effect] = [
+                Error(client.id, "not_host", "only the host may set the password")
+            ]
+            return lambda room, now: refusal
+        hashed = None
+        if msg.password:
+            hashed = await trio.to_thread.run_sync(hash_password, msg.password)
+        return lambda room, now: room.set_password_hash(client.id, hashed)
 
     async def _set_password(
         self, entry: RoomEntry, client: Client, password: str | None
@@ -547,7 +635,9 @@ class Hub:
         return self.track_lookup(track_id) if self.track_lookup is not None else None
 
     def note_rtt(self, room_name: str, client: Client, rtt_ms: float) -> None:
-        self.rooms[room_name].room.note_rtt(client.id, rtt_ms)
+        room = self.rooms[room_name].room
+        if client.id in room.participants:  # with a backend: not before its seat is committed
+            room.note_rtt(client.id, rtt_ms)
 
     def announce(self, kind: str, **payload: Any) -> None:
         """One frame to every client of every room, encoded once."""
@@ -691,12 +781,18 @@ class Hub:
         room_name = entry.room.name
         if self.rooms.get(room_name) is not entry:
             return  # closed or forgotten: nothing to time
-        # Not awaited: the effects go out once durable, and no other room waits.
-        self._persist_soon(entry, entry.room.poll(self.clock.now_ms()))
+        if self.backend is not None:
+            not_before = self.backend.tick(entry, now)
+        else:
+            # Not awaited: the effects go out once durable, and no other room waits.
+            self._persist_soon(entry, entry.room.poll(self.clock.now_ms()))
+            not_before = now + TIMER_MIN_REPOLL
         if entry.empty_since is not None and now >= entry.empty_since + self.settings.room_idle_ttl:
             del self.rooms[room_name]
             if self.writer is not None:
                 self.writer.forget(room_name)  # ordered after any save queued before
+            if self.backend is not None:
+                self.backend.forget(room_name)  # here only: Redis keeps it for the others
             log.info("room %s forgotten after being idle", room_name)
             return
-        self._reschedule(entry, not_before=now + TIMER_MIN_REPOLL)
+        self._reschedule(entry, not_before=not_before)

@@ -143,6 +143,11 @@ class PlayQueue:
             self.rev += 1
         return self.rev
 
+    def adopt_rev(self, rev: int) -> None:
+        """Take ``rev`` as the revision of the queue as it is now (shared by every node)."""
+        self.rev = rev
+        self._broadcast_ids = tuple(item.id for item in self.items)
+
     # -- the database -------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -463,6 +463,12 @@ class Room:
         room.gate = Gate.from_dict(snap["gate"])
         return room
 
+    def carry_over(self, older: Room) -> None:
+        """Keep what only this node's copy ``older`` knew: the change budget and the
+        presence news not yet sent (a shared room's new copy replaces the old)."""
+        self._changes = older._changes
+        self.seats.presence = older.seats.presence
+
     # -- membership --------------------------------------------------------------------
 
     def join(

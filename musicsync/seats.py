@@ -28,6 +28,7 @@ ValueError; what a participant may not do raises ``Refusal``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +277,26 @@ class Seats:
             ],
             "count": len(self.participants),
         }
+
+    # -- a shared room's copy on one node (clusterproto.replica) -----------------------
+
+    def seat_held(self, token_hash: str) -> None:
+        """Seat again the held seat of a participant connected to another node."""
+        self._seat(self._release(token_hash).participant)
+
+    def seat_only_here(self, p: Participant) -> None:
+        """Seat a participant that only this node knows (a crowd's listener)."""
+        self._seat(p)
+
+    def set_deadlines(self, until: Mapping[str, float]) -> None:
+        """Held seats fall due when ``until`` says (others keep theirs), in deadline order."""
+        for token_hash, at in until.items():
+            reservation = self._reserved.get(token_hash)
+            if reservation is not None:
+                reservation.until = float(at)
+        held = sorted(self._reserved.items(), key=lambda item: item[1].until)
+        self._reserved = dict(held)
+        self._reserved_leads = {h: r for h, r in held if r.participant.role != LISTENER}
 
     # -- the indexes -------------------------------------------------------------------
 

@@ -1,0 +1,401 @@
+"""The pure parts of a Redis cluster: keys, the shared room value, messages, the Lua (sans-IO).
+
+A room shared by several nodes is one Redis hash: ``rev`` (the number of
+commits: it grows by exactly one per commit, whichever node made it) and
+``value`` (JSON: the room's ``snapshot()`` plus what only a cluster needs: which
+node each seated participant is connected to, when each held seat expires, the
+queue revision and the round trips). Every commit goes through ``COMMIT_LUA``:
+compare ``rev``, store, publish the change, in one script. Timed changes also
+carry the lease token of the room, which the script checks.
+
+Nothing here imports trio or talks to Redis; ``cluster.py`` is the edge.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .effects import Disconnect
+from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+
+# -- durations and limits (milliseconds where Redis takes them) -------------------
+
+# A node's presence key lives this long unless renewed; a node renews it (and
+# its leases) every NODE_HEARTBEAT_SECONDS. A node killed with -9 is known dead
+# NODE_TTL_MS after its last heartbeat, at most.
+NODE_TTL_MS = 5_000
+NODE_HEARTBEAT_SECONDS = 1.0
+# The per-room lease that drives timed changes (queue advance, held seats
+# expiring, elections): renewed with the heartbeat, taken over once it lapses.
+LEASE_TTL_MS = 5_000
+# A node that holds no lease and finds a timed change due retries this often.
+LEASE_RETRY_SECONDS = 1.0
+# A room's value outlives its last commit (and the last heartbeat of a node
+# with someone in it) by the room idle TTL plus this.
+ROOM_TTL_MARGIN_MS = 60_000
+# A lost compare-and-set is retried this many times before the change is refused.
+MAX_COMMIT_ATTEMPTS = 8
+# After a lost compare-and-set the node waits this long for the winner's
+# published change (so that it delivers it) before reading the value itself.
+CATCH_UP_SECONDS = 0.5
+# Reconnecting to Redis: first delay, doubled up to the cap.
+RECONNECT_FIRST_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 5.0
+# Connecting and each command: past these, Redis counts as unavailable.
+CONNECT_TIMEOUT_SECONDS = 2.0
+COMMAND_TIMEOUT_SECONDS = 5.0
+
+DEFAULT_PREFIX = "musicsync"
+
+
+class BadValue(ValueError):
+    """A room value or a message from Redis that this version cannot read."""
+
+
+# -- key names --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key and channel a cluster uses, under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def room(self, name: str) -> str:
+        return f"{self.prefix}:room:{name}"
+
+    def lease(self, name: str) -> str:
+        return f"{self.prefix}:lease:{name}"
+
+    def epoch(self, name: str) -> str:
+        return f"{self.prefix}:epoch:{name}"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:changes"
+
+
+# -- the Lua ----------------------------------------------------------------------
+
+# KEYS: room hash, lease. ARGV: expected rev, value JSON, message, lease token
+# ('' for a change that is not timed), TTL ms, channel.
+# Returns {1, rev} committed; {0, rev, value} someone else committed first;
+# {-1, rev} the lease token is not (or no longer) the room's.
+COMMIT_LUA = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if cur ~= tonumber(ARGV[1]) then
+  return {0, cur, redis.call('HGET', KEYS[1], 'value') or ''}
+end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then
+  return {-1, cur}
+end
+redis.call('HSET', KEYS[1], 'rev', cur + 1, 'value', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[3])
+return {1, cur + 1}
+"""
+
+# KEYS: room hash. ARGV: rev, value JSON, TTL ms. Puts a room back that Redis
+# lost (restarted without persistence) at the revision this node knew, unless
+# another node did first: then {0, rev, value} as COMMIT_LUA.
+RESEED_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, tonumber(redis.call('HGET', KEYS[1], 'rev') or '0'),
+          redis.call('HGET', KEYS[1], 'value') or ''}
+end
+redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'value', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, tonumber(ARGV[1])}
+"""
+
+# KEYS: lease, epoch counter. ARGV: node id, TTL ms, the token this node holds
+# ('' if none). Returns the token held after the call (renewed or newly taken,
+# with an epoch one higher than any before), or false if another node holds it.
+LEASE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur == ARGV[3] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return cur
+end
+if cur then return false end
+local epoch = redis.call('INCR', KEYS[2])
+local token = ARGV[1] .. ':' .. epoch
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return token
+"""
+
+# KEYS: lease. ARGV: token. Gives the lease up if this node still holds it.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def lease_epoch(token: str) -> int:
+    """The epoch in a lease token ``node:epoch``."""
+    try:
+        return int(token.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        raise BadValue(f"not a lease token: {token!r}") from None
+
+
+# -- revisions ----------------------------------------------------------------------
+
+STALE = "stale"  # already known (our own echo, or older): ignore
+NEXT = "next"  # the one after what we know: deliver its effects, take its value
+GAP = "gap"  # something in between was missed: take its value and resend the state
+
+
+def order(known_rev: int, rev: int) -> str:
+    """Where a published revision stands against the one a node knows."""
+    if rev <= known_rev:
+        return STALE
+    return NEXT if rev == known_rev + 1 else GAP
+
+
+# -- effects on the wire --------------------------------------------------------------
+
+
+def effects_to_wire(effects: Iterable[Effect]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for e in effects:
+        if isinstance(e, BroadcastState):
+            out.append({"t": "state", "state": e.state, "queue_rev": e.queue_rev})
+        elif isinstance(e, BroadcastPresence):
+            out.append({"t": "presence", "delta": e.delta})
+        elif isinstance(e, Reply):
+            out.append({"t": "reply", "to": e.to, "kind": e.kind, "payload": e.payload})
+        elif isinstance(e, Disconnect):
+            out.append(
+                {
+                    "t": "disconnect",
+                    "to": e.to,
+                    "code": e.code,
+                    "reason": e.reason,
+                    "close_code": e.close_code,
+                }
+            )
+        else:
+            out.append({"t": "error", "to": e.to, "code": e.code, "message": e.message})
+    return out
+
+
+def effects_from_wire(items: Iterable[Mapping[str, Any]]) -> list[Effect]:
+    out: list[Effect] = []
+    for item in items:
+        kind = item.get("t")
+        try:
+            if kind == "state":
+                out.append(BroadcastState(dict(item["state"]), int(item["queue_rev"])))
+            elif kind == "presence":
+                out.append(BroadcastPresence(dict(item["delta"])))
+            elif kind == "reply":
+                out.append(Reply(str(item["to"]), str(item["kind"]), dict(item["payload"])))
+            elif kind == "disconnect":
+                out.append(
+                    Disconnect(
+                        str(item["to"]),
+                        str(item["code"]),
+                        str(item["reason"]),
+                        int(item["close_code"]),
+                    )
+                )
+            elif kind == "error":
+                out.append(Error(str(item["to"]), str(item["code"]), str(item["message"])))
+            else:
+                raise BadValue(f"unknown effect {kind!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadValue(f"bad effect {item!r}: {exc}") from None
+    return out
+
+
+def for_other_nodes(effects: Iterable[Effect], local: Container[str]) -> list[Effect]:
+    """What other nodes must deliver: broadcasts, and replies or errors to
+    participants not connected here (a kick of someone on another node)."""
+    return [
+        e
+        for e in effects
+        if isinstance(e, (BroadcastState, BroadcastPresence)) or e.to not in local
+    ]
+
+
+# -- messages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """One published change: a commit (``rev`` and ``value``), effects only
+    (presence: ``rev`` None), or the room closed by the operator."""
+
+    room: str
+    node: str
+    rev: int | None
+    effects: list[Effect]
+    value: dict[str, Any] | None = None
+    closed: bool = False
+
+
+def encode_commit(room: str, node: str, rev: int, effects: list[Effect], value_json: str) -> str:
+    """The message for a commit; the value (already JSON) is spliced in, not re-encoded."""
+    head = json.dumps(
+        {"room": room, "node": node, "rev": rev, "fx": effects_to_wire(effects)},
+        separators=(",", ":"),
+    )
+    return f'{head[:-1]},"value":{value_json}}}'
+
+
+def encode_effects(room: str, node: str, effects: list[Effect]) -> str:
+    return json.dumps(
+        {"room": room, "node": node, "rev": None, "fx": effects_to_wire(effects)},
+        separators=(",", ":"),
+    )
+
+
+def encode_closed(room: str, node: str) -> str:
+    return json.dumps({"room": room, "node": node, "rev": None, "fx": [], "closed": True})
+
+
+def decode_message(data: str | bytes) -> Message:
+    try:
+        raw = json.loads(data)
+        rev = raw["rev"]
+        value = raw.get("value")
+        return Message(
+            room=str(raw["room"]),
+            node=str(raw["node"]),
+            rev=None if rev is None else int(rev),
+            effects=effects_from_wire(raw["fx"]),
+            value=value if isinstance(value, dict) else None,
+            closed=bool(raw.get("closed", False)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadValue(f"unreadable change message: {exc}") from None
+
+
+# -- the room value ----------------------------------------------------------------
+
+
+def capture(
+    room: Room, node: str, previous: Mapping[str, Any] | None, local: Iterable[str]
+) -> dict[str, Any]:
+    """The shared value of ``room`` as this node sees it after a change.
+
+    ``previous`` is the value the change was applied to (None for a new room);
+    ``local`` the participants connected to this node. A seated participant is
+    live on this node if connected here, else where the previous value said.
+    """
+    snap = room.snapshot()
+    prev_live: Mapping[str, str] = previous.get("live", {}) if previous else {}
+    prev_rtt: Mapping[str, float] = previous.get("rtt", {}) if previous else {}
+    mine = set(local)
+    seats = snap["seats"]["seats"]
+    seat_ids = {seat["id"] for seat in seats}
+    seat_hashes = {seat["token_hash"] for seat in seats}
+    live: dict[str, str] = {}
+    rtt: dict[str, float] = {}
+    for pid, p in room.participants.items():
+        if pid not in seat_ids:
+            continue
+        live[pid] = node if pid in mine else prev_live.get(pid, node)
+        known = p.rtt_ms if pid in mine else prev_rtt.get(pid, p.rtt_ms)
+        if known is not None:
+            rtt[pid] = known
+    return {
+        "snap": snap,
+        "live": live,
+        "held": {h: res.until for h, res in room.seats.held.items() if h in seat_hashes},
+        "queue_rev": room.queue_rev,
+        "rtt": rtt,
+    }
+
+
+def encode_value(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def decode_value(text: str | bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadValue(f"unreadable room value: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("snap"), dict):
+        raise BadValue("a room value needs a snapshot")
+    return value
+
+
+def replica(
+    name: str,
+    value: Mapping[str, Any],
+    now: float,
+    resume_grace_ms: float,
+    rng: random.Random | None = None,
+    carry: Room | None = None,
+    local: Iterable[str] = (),
+) -> Room:
+    """This node's copy of a shared room, from its value.
+
+    ``Room.restore`` holds every seat for the resume grace; here the seats of
+    participants live on some node are seated again, held seats keep the
+    deadlines the value gives them, and the queue revision is the shared one.
+    From ``carry`` (the replica this one replaces) come what only this node
+    knows: its connected participants that the value leaves out (a crowd's
+    listeners), their round trips, the room's change budget and the presence
+    news not yet flushed.
+
+    """
+    try:
+        room = Room.restore(name, dict(value["snap"]), now, resume_grace_ms, rng=rng)
+        live: Mapping[str, str] = value.get("live", {})
+        held: Mapping[str, float] = value.get("held", {})
+        rtts: Mapping[str, float] = value.get("rtt", {})
+        queue_rev = int(value.get("queue_rev", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadValue(f"room {name!r}: unreadable value: {exc}") from None
+    seats = room.seats
+    for token_hash, reservation in list(seats.held.items()):
+        if reservation.participant.id in live:
+            seats.seat_held(token_hash)
+    seats.set_deadlines(held)
+    for pid, rtt in rtts.items():
+        if pid in room.participants:
+            room.note_rtt(pid, float(rtt))
+    room.playqueue.adopt_rev(queue_rev)
+    if carry is not None:
+        room.carry_over(carry)
+        for pid in local:
+            mine = carry.participants.get(pid)
+            if mine is None:
+                continue
+            if pid not in room.participants and (
+                mine.token_hash is None or mine.token_hash not in seats.held
+            ):
+                seats.seat_only_here(mine)
+            elif pid in room.participants and mine.rtt_ms is not None:
+                room.note_rtt(pid, mine.rtt_ms)
+    return room
+
+
+def live_elsewhere(value: Mapping[str, Any] | None, pid: str, node: str) -> bool:
+    """True if the value says ``pid`` is connected to another node (a newer tab)."""
+    if not value:
+        return False
+    where = value.get("live", {}).get(pid)
+    return where is not None and where != node
+
+
+def nodes_in(value: Mapping[str, Any] | None) -> set[str]:
+    return set(value.get("live", {}).values()) if value else set()
+
+
+def live_on(value: Mapping[str, Any] | None, node: str) -> list[str]:
+    """Participants the value says are connected to ``node``."""
+    if not value:
+        return []
+    return [pid for pid, where in value.get("live", {}).items() if where == node]
