@@ -44,9 +44,11 @@ from .protocol import (
     QueueMove,
     QueueNext,
     QueueRemove,
+    Resync,
     RevokeInvite,
     RoomSettingsUpdate,
     Seek,
+    SetLatencyOffset,
     SetPassword,
     SetTrack,
     TransferHost,
@@ -136,6 +138,9 @@ class Participant:
     role: str
     seq: int
     rtt_ms: float | None = None
+    # The device's own latency offset (ms, positive plays earlier), as it last
+    # reported it or the host last set it: the lead covers the largest.
+    latency_offset_ms: float = 0.0
     # access.hash_token of the resume token; the token itself is only ever sent
     # to its owner, in the welcome, and kept nowhere.
     token_hash: str | None = field(default=None, repr=False)
@@ -263,6 +268,7 @@ class Room:
         self._leads: dict[str, Participant] = {}
         self._reserved_leads: dict[str, _Reservation] = {}
         self._worst_rtt: tuple[float, str] | None = None
+        self._max_offset: tuple[float, str] | None = None  # the largest positive offset
         self._seq = 0
         self._presence = _PresenceDelta()
         # Changes the whole room may take, whoever sends them: every connection has
@@ -323,8 +329,15 @@ class Room:
         return until is not None and now < until
 
     def lead_ms(self) -> float:
+        """The RTT-derived lead plus the largest positive device offset: a device that
+        plays that much earlier (a Bluetooth speaker) must still hear of a change in time."""
         worst = self._worst_rtt[0] if self._worst_rtt is not None else 0.0
-        return min(MAX_LEAD_MS, max(MIN_LEAD_MS, worst * LEAD_RTT_FACTOR + LEAD_MARGIN_MS))
+        lead = min(MAX_LEAD_MS, max(MIN_LEAD_MS, worst * LEAD_RTT_FACTOR + LEAD_MARGIN_MS))
+        return lead + (self._max_offset[0] if self._max_offset is not None else 0.0)
+
+    def lead_ids(self) -> list[str]:
+        """The seated hosts and co-hosts (from the index: O(leads), not O(participants))."""
+        return list(self._leads)
 
     def position_at(self, t_ms: float) -> float:
         duration = self.track.duration if self.track else None
@@ -541,6 +554,7 @@ class Room:
             self._leads[p.id] = p
         if p.rtt_ms is not None:
             self.note_rtt(p.id, p.rtt_ms)
+        self._index_offset(p)
 
     def _unseat(self, pid: str) -> Participant:
         p = self.participants.pop(pid)
@@ -549,6 +563,8 @@ class Room:
         self._leads.pop(pid, None)
         if self._worst_rtt is not None and self._worst_rtt[1] == pid:
             self._find_worst_rtt()
+        if self._max_offset is not None and self._max_offset[1] == pid:
+            self._find_max_offset()
         return p
 
     def _hold(self, token_hash: str, reservation: _Reservation) -> None:
@@ -564,6 +580,19 @@ class Room:
     def _find_worst_rtt(self) -> None:
         rtts = ((p.rtt_ms, p.id) for p in self.participants.values() if p.rtt_ms is not None)
         self._worst_rtt = max(rtts, default=None)
+
+    def _index_offset(self, p: Participant) -> None:
+        best = self._max_offset
+        if p.latency_offset_ms > 0 and (best is None or p.latency_offset_ms >= best[0]):
+            self._max_offset = (p.latency_offset_ms, p.id)
+
+    def _find_max_offset(self) -> None:
+        offsets = (
+            (p.latency_offset_ms, p.id)
+            for p in self.participants.values()
+            if p.latency_offset_ms > 0
+        )
+        self._max_offset = max(offsets, default=None)
 
     def leave(self, pid: str, now: float, *, hold: bool = True) -> list[Effect]:
         """``pid`` is gone. With a token and ``hold``, their seat waits for ``resume``."""
@@ -674,6 +703,19 @@ class Room:
         elif worst[1] == pid:  # the worst link got better: who is worst now?
             self._find_worst_rtt()
 
+    def note_latency_offset(self, pid: str, offset_ms: float) -> None:
+        """``pid``'s device offset (its report, or the host's set_latency_offset). O(1)
+        unless the largest offset in the room shrinks."""
+        p = self.participants[pid]
+        if p.latency_offset_ms == offset_ms:
+            return
+        p.latency_offset_ms = offset_ms
+        best = self._max_offset
+        if best is not None and best[1] == pid and offset_ms < best[0]:
+            self._find_max_offset()
+        else:
+            self._index_offset(p)
+
     def handle(self, pid: str, msg: ClientMessage, now: float) -> list[Effect]:
         """Apply one decoded control message from participant ``pid``."""
         sender = self.participants[pid]
@@ -689,6 +731,8 @@ class Room:
             return self.queue_add(sender, msg, now)
         if sender.role not in PLAYBACK_ROLES:
             return [Error(pid, "not_host", f"only the host may send {msg.TYPE}")]
+        if isinstance(msg, (SetLatencyOffset, Resync)):
+            return self._tune_device(sender, msg)  # one frame to one device: no room budget
         refused = self._over_budget(pid, now)
         if refused:
             return refused
@@ -734,6 +778,15 @@ class Room:
         if self._changes.try_take(now / MS_PER_SECOND):
             return []
         return [Error(pid, "rate_limited", "this room is changing too fast; try again soon")]
+
+    def _tune_device(self, sender: Participant, msg: SetLatencyOffset | Resync) -> list[Effect]:
+        """A host or co-host sets a device's offset or has it resync; only the device hears."""
+        if msg.id not in self.participants:
+            return [Error(sender.id, "no_such_participant", "no participant with that id")]
+        if isinstance(msg, Resync):
+            return [Reply(msg.id, "resync", {})]
+        self.note_latency_offset(msg.id, msg.offset_ms)  # the lead covers it at once
+        return [Reply(msg.id, "latency_offset", {"offset_ms": msg.offset_ms})]
 
     def _claim(self, sender: Participant, now: float) -> list[Effect]:
         if sender.role == HOST:
