@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from .protocol import Report
@@ -54,6 +55,11 @@ class Device:
     latency_offset_ms: float | None
     drift_ppm: float | None
     browser: str | None
+    # |drift| in ms; -1 while not playing (it then ranks below any playing device).
+    abs_drift: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.abs_drift = -1.0 if self.drift_ms is None else abs(self.drift_ms)
 
     @classmethod
     def from_report(cls, pid: str, name: str, report: Report, now: float) -> Device:
@@ -71,11 +77,6 @@ class Device:
             report.browser,
         )
 
-    @property
-    def abs_drift(self) -> float:
-        """|drift| in ms; -1 while not playing (it then ranks below any playing device)."""
-        return -1.0 if self.drift_ms is None else abs(self.drift_ms)
-
     def row(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -90,6 +91,9 @@ class Device:
             "drift_ppm": _round(self.drift_ppm, MS_DECIMALS),
             "age_ms": round(max(0.0, now - self.at)),
         }
+
+
+_BY_ABS_DRIFT = attrgetter("abs_drift")
 
 
 def _round(value: float | None, digits: int) -> float | None:
@@ -164,7 +168,8 @@ class RoomHealth:
             del stale[pid]
 
     def _frame(self, now: float, participants: int) -> dict[str, Any]:
-        drifts = sorted(d.abs_drift for d in self._fresh.values() if d.drift_ms is not None)
+        drifts = [d.abs_drift for d in self._fresh.values() if d.abs_drift >= 0]
+        drifts.sort()
         p50, p95 = (_percentile(drifts, q) for q in PERCENTILES)
         summary = {
             "devices": max(participants, len(self)),
@@ -181,5 +186,5 @@ class RoomHealth:
         rows = [d for d, _ in zip(self._stale.values(), range(limit), strict=False)]
         room = limit - len(rows)
         if room > 0:
-            rows += heapq.nlargest(room, self._fresh.values(), key=lambda d: d.abs_drift)
+            rows += heapq.nlargest(room, self._fresh.values(), key=_BY_ABS_DRIFT)
         return rows
