@@ -59,6 +59,10 @@ bench *ARGS:
 bench-sync *ARGS:
     {{python}} benchmarks/bench_sync.py {{ARGS}}
 
+# device-health bookkeeping: CPU per report and per health frame, rooms of 100 to 10 000
+bench-health *ARGS:
+    {{python}} benchmarks/bench_health.py {{ARGS}}
+
 # audible sync benchmark: records real Chromium output through PulseAudio, per engine
 bench-audible *ARGS:
     {{python}} benchmarks/bench_audible.py {{ARGS}}

@@ -679,7 +679,7 @@ async def _reader(hub: Hub, room_name: str, client: Client, ws: Transport) -> No
         if _limited(hub, client, control.check(now)):
             continue
         if isinstance(msg, Report):
-            hub.metrics.observe_report(msg)
+            hub.note_report(room_name, client, msg)
             continue
         await hub.handle(room_name, client, msg)
 

@@ -19,9 +19,10 @@ import trio
 from .access import hash_password
 from .clock import ServerClock
 from .config import Settings
+from .health import Device, RoomHealth
 from .metrics import Metrics
 from .outbox import Frame, Outbox, OutboxOverflow, PendingPong
-from .protocol import ClientMessage, QueueAdd, SetPassword, encode, error_frame
+from .protocol import ClientMessage, QueueAdd, Report, SetPassword, encode, error_frame
 from .ratelimit import TokenBucket
 from .room import (
     HOST,
@@ -254,6 +255,8 @@ class RoomEntry:
     captured_revision: int = 0  # room.revision of the snapshot last handed to the writer
     # Effects held until the room's revision (first item) is on disk, in order.
     backlog: list[tuple[int, list[Effect]]] = field(default_factory=list)
+    # Devices' latest reports: the health frame its hosts and co-hosts get.
+    health: RoomHealth = field(default_factory=RoomHealth)
 
     def wake(self) -> None:
         if self.on_wake is not None:
@@ -569,6 +572,7 @@ class Hub:
         if entry is None or entry.clients.get(client.id) is not client:
             return  # never seated, or replaced by a newer connection
         del entry.clients[client.id]
+        entry.health.forget(client.id)
         if self.backend is not None:
             self.backend.leave(entry, client.id)
         else:
@@ -638,6 +642,31 @@ class Hub:
         room = self.rooms[room_name].room
         if client.id in room.participants:  # with a backend: not before its seat is committed
             room.note_rtt(client.id, rtt_ms)
+
+    def note_report(self, room_name: str, client: Client, report: Report) -> None:
+        """A device's sync report: its offset (the lead) and the room's health frame."""
+        self.metrics.observe_report(report)
+        entry = self.rooms.get(room_name)
+        participant = entry.room.participants.get(client.id) if entry else None
+        if entry is None or participant is None:
+            return
+        if report.latency_offset_ms is not None:
+            entry.room.note_latency_offset(client.id, report.latency_offset_ms)
+        now = self.clock.now_ms()
+        entry.health.report(Device.from_report(client.id, participant.name, report, now))
+        self._send_health(entry, now)
+        entry.wake()  # the timer sends the frame a report made due later
+
+    def _send_health(self, entry: RoomEntry, now_ms: float) -> None:
+        """The health frame, if due: encoded once, to the room's hosts and co-hosts only."""
+        payload = entry.health.poll(now_ms, len(entry.room.participants))
+        if payload is None:
+            return
+        frame = Frame(encode("health", **payload))
+        for pid in entry.room.lead_ids():
+            target = entry.clients.get(pid)
+            if target is not None:
+                self.stats.messages_out += target.deliver(frame)
 
     def announce(self, kind: str, **payload: Any) -> None:
         """One frame to every client of every room, encoded once."""
@@ -734,6 +763,9 @@ class Hub:
             due = trio.current_time() + (deadline_ms - self.clock.now_ms()) / 1000.0
         if entry.empty_since is not None:
             due = min(due, entry.empty_since + self.settings.room_idle_ttl)
+        health_ms = entry.health.next_due()
+        if health_ms is not None:
+            due = min(due, trio.current_time() + (health_ms - self.clock.now_ms()) / 1000.0)
         return due
 
     def _reschedule(self, entry: RoomEntry, not_before: float = -math.inf) -> None:
@@ -787,6 +819,7 @@ class Hub:
             # Not awaited: the effects go out once durable, and no other room waits.
             self._persist_soon(entry, entry.room.poll(self.clock.now_ms()))
             not_before = now + TIMER_MIN_REPOLL
+        self._send_health(entry, self.clock.now_ms())
         if entry.empty_since is not None and now >= entry.empty_since + self.settings.room_idle_ttl:
             del self.rooms[room_name]
             if self.writer is not None:

@@ -33,7 +33,7 @@ RTT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 class SyncReport(Protocol):
     @property
-    def drift_ms(self) -> float: ...
+    def drift_ms(self) -> float | None: ...
     @property
     def rtt_ms(self) -> float: ...
     @property
@@ -115,7 +115,8 @@ class Metrics:
 
     def observe_report(self, report: SyncReport) -> None:
         engine = report.engine if report.engine in ENGINES else "unknown"
-        self.drift.labels(engine).observe(abs(report.drift_ms) / 1000.0)
+        if report.drift_ms is not None:  # null while the device is not playing
+            self.drift.labels(engine).observe(abs(report.drift_ms) / 1000.0)
         self.rtt.labels(engine).observe(report.rtt_ms / 1000.0)
 
     def render(self) -> bytes:

@@ -274,19 +274,77 @@ class RevokeInvite:
     code: str = _f(_string(MAX_ID_LENGTH))
 
 
+# A device's latency offset (ms; positive plays earlier), set on the device or
+# by the host with set_latency_offset: -300 ms to +1 s (Bluetooth reaches 800 ms).
+LATENCY_OFFSET_MIN_MS = -300.0
+LATENCY_OFFSET_MAX_MS = 1000.0
+# What a report may claim: the output's latency and the clock's rate error.
+MAX_OUTPUT_LATENCY_MS = 10_000.0
+MAX_DRIFT_PPM = 10_000.0
+MAX_BROWSER_LENGTH = 24
+_BROWSER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._-")
+
+
+def _within(low: float, high: float) -> Any:
+    def check(value: Any, name: str) -> float:
+        result = _number(value, name)
+        if not low <= result <= high:
+            raise ProtocolError("bad_message", f"field {name!r} must be {low:g} to {high:g}")
+        return result
+
+    return check
+
+
+_latency_offset = _within(LATENCY_OFFSET_MIN_MS, LATENCY_OFFSET_MAX_MS)
+
+
+def _browser(value: Any, name: str) -> str:
+    """A short browser family name ("Chrome", "Firefox", "Safari"): shown, never trusted."""
+    text = _string(MAX_BROWSER_LENGTH)(value, name)
+    if not text or not set(text) <= _BROWSER_CHARS:
+        raise ProtocolError(
+            "bad_message", f"field {name!r} must be letters, digits, spaces or ._- only"
+        )
+    return str(text)
+
+
 @dataclass(frozen=True)
 class Report:
-    """A client's sync figures, a few times a minute; they feed /metrics histograms.
+    """A client's sync figures every 2 s: /metrics histograms and the host's dashboard.
 
     Anyone may send it (no role needed); it shares the control rate limiter.
+    ``drift_ms`` is null while the device is not playing.
     """
 
     TYPE: ClassVar[str] = "report"
     CONTROL: ClassVar[bool] = True
-    drift_ms: float = _f(_number)
+    drift_ms: float | None = _f(_optional(_number))
     rtt_ms: float = _f(_nonneg)
     offset_ms: float | None = _f(_optional(_number), None)
     engine: str | None = _f(_optional(_engine), None)
+    output_latency_ms: float | None = _f(_optional(_within(0.0, MAX_OUTPUT_LATENCY_MS)), None)
+    latency_offset_ms: float | None = _f(_optional(_latency_offset), None)
+    drift_ppm: float | None = _f(_optional(_within(-MAX_DRIFT_PPM, MAX_DRIFT_PPM)), None)
+    browser: str | None = _f(_optional(_browser), None)
+
+
+@dataclass(frozen=True)
+class SetLatencyOffset:
+    """Host or co-host: set device ``id``'s latency offset (it gets ``latency_offset``)."""
+
+    TYPE: ClassVar[str] = "set_latency_offset"
+    CONTROL: ClassVar[bool] = True
+    id: str = _f(_string(MAX_ID_LENGTH))
+    offset_ms: float = _f(_latency_offset)
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Host or co-host: device ``id`` redoes its clock burst and reschedules (gets ``resync``)."""
+
+    TYPE: ClassVar[str] = "resync"
+    CONTROL: ClassVar[bool] = True
+    id: str = _f(_string(MAX_ID_LENGTH))
 
 
 ClientMessage = (
@@ -309,6 +367,8 @@ ClientMessage = (
     | RevokeInvite
     | Ping
     | Report
+    | SetLatencyOffset
+    | Resync
 )
 
 CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
@@ -333,6 +393,8 @@ CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
         RevokeInvite,
         Ping,
         Report,
+        SetLatencyOffset,
+        Resync,
     )
 }
 

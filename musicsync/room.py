@@ -70,9 +70,11 @@ from .protocol import (
     QueueMove,
     QueueNext,
     QueueRemove,
+    Resync,
     RevokeInvite,
     RoomSettingsUpdate,
     Seek,
+    SetLatencyOffset,
     SetPassword,
     SetTrack,
     TransferHost,
@@ -182,12 +184,15 @@ PERMISSIONS: dict[type[ClientMessage], frozenset[str]] = {
     CreateInvite: _HOST,
     RevokeInvite: _HOST,
     SetPassword: _HOST,
+    SetLatencyOffset: _PLAYBACK,
+    Resync: _PLAYBACK,
 }
 # Messages a listener may also send while the room's settings say "listeners
 # may upload" (they suggest tracks).
 LISTENER_RIGHTS: frozenset[type[ClientMessage]] = frozenset({QueueAdd})
-# Messages that do not take from the room's change budget: they broadcast no state.
-FREE_MESSAGES: frozenset[type[ClientMessage]] = frozenset({ClaimHost})
+# Messages that do not take from the room's change budget: they broadcast no state
+# (tuning a device is one frame to that device).
+FREE_MESSAGES: frozenset[type[ClientMessage]] = frozenset({ClaimHost, SetLatencyOffset, Resync})
 
 # -- snapshots ------------------------------------------------------------------
 
@@ -390,7 +395,13 @@ class Room:
         return self.gate.is_banned(hash_token(token), now)
 
     def lead_ms(self) -> float:
-        return lead_for_rtt(self.seats.worst_rtt())
+        """The RTT-derived lead plus the largest positive device offset: a device that
+        plays that much earlier (a Bluetooth speaker) must still hear of a change in time."""
+        return lead_for_rtt(self.seats.worst_rtt()) + self.seats.max_offset()
+
+    def lead_ids(self) -> list[str]:
+        """The seated hosts and co-hosts, who get the room's ``health`` frames."""
+        return self.seats.lead_ids()
 
     def position_at(self, t_ms: float) -> float:
         return self.playback.position_at(t_ms)
@@ -500,6 +511,10 @@ class Room:
 
     def note_rtt(self, pid: str, rtt_ms: float) -> None:
         self.seats.note_rtt(pid, rtt_ms)
+
+    def note_latency_offset(self, pid: str, offset_ms: float) -> None:
+        """``pid``'s device offset, as it reported it: the lead covers the largest."""
+        self.seats.note_latency_offset(pid, offset_ms)
 
     def _welcome(self, p: Participant, now: float, token: str | None) -> Reply:
         you = p.to_wire()
@@ -695,6 +710,17 @@ class Room:
     def _queue_mode(self, sender: Participant, msg: QueueMode, now: float) -> list[Effect]:
         return self._changed(self.playqueue.set_mode(msg.repeat, msg.shuffle))
 
+    def _tune_device(
+        self, sender: Participant, msg: SetLatencyOffset | Resync, now: float
+    ) -> list[Effect]:
+        """A host or co-host sets a device's offset or has it resync; only the device hears."""
+        if msg.id not in self.seats.participants:
+            raise Refusal("no_such_participant", "no participant with that id")
+        if isinstance(msg, Resync):
+            return [Reply(msg.id, "resync", {})]
+        self.seats.note_latency_offset(msg.id, msg.offset_ms)  # the lead covers it at once
+        return [Reply(msg.id, "latency_offset", {"offset_ms": msg.offset_ms})]
+
 
 Transition = Callable[[Room, Participant, Any, float], list[Effect]]
 
@@ -717,4 +743,6 @@ TRANSITIONS: dict[type[ClientMessage], Transition] = {
     CreateInvite: Room._create_invite,
     RevokeInvite: Room._revoke_invite,
     SetPassword: Room._set_password,
+    SetLatencyOffset: Room._tune_device,
+    Resync: Room._tune_device,
 }

@@ -62,6 +62,9 @@ class Participant:
     role: str
     seq: int
     rtt_ms: float | None = None
+    # The device's own latency offset (ms, positive plays earlier), as it last
+    # reported it or the host last set it: the lead covers the largest.
+    latency_offset_ms: float = 0.0
     # access.hash_token of the resume token; the token itself is only ever sent
     # to its owner, in the welcome, and kept nowhere.
     token_hash: str | None = field(default=None, repr=False)
@@ -95,6 +98,7 @@ class Seats:
     __slots__ = (
         "_by_hash",
         "_leads",
+        "_max_offset",
         "_reserved",
         "_reserved_leads",
         "_worst_rtt",
@@ -118,6 +122,7 @@ class Seats:
         self._leads: dict[str, Participant] = {}
         self._reserved_leads: dict[str, Reservation] = {}
         self._worst_rtt: tuple[float, str] | None = None
+        self._max_offset: tuple[float, str] | None = None  # the largest positive offset
 
     # -- queries -----------------------------------------------------------------
 
@@ -147,6 +152,14 @@ class Seats:
 
     def worst_rtt(self) -> float | None:
         return self._worst_rtt[0] if self._worst_rtt is not None else None
+
+    def max_offset(self) -> float:
+        """The largest positive device latency offset among the seated (0 if none)."""
+        return self._max_offset[0] if self._max_offset is not None else 0.0
+
+    def lead_ids(self) -> list[str]:
+        """The seated hosts and co-hosts (from the index: O(leads), not O(participants))."""
+        return list(self._leads)
 
     def crowded(self) -> bool:
         return len(self.participants) > PARTICIPANT_LIST_MAX
@@ -243,6 +256,19 @@ class Seats:
         elif worst[1] == pid:  # the worst link got better: who is worst now?
             self._find_worst_rtt()
 
+    def note_latency_offset(self, pid: str, offset_ms: float) -> None:
+        """``pid``'s device offset (its report, or a host's set_latency_offset). O(1)
+        unless the largest offset in the room shrinks."""
+        p = self.participants[pid]
+        if p.latency_offset_ms == offset_ms:
+            return
+        p.latency_offset_ms = offset_ms
+        best = self._max_offset
+        if best is not None and best[1] == pid and offset_ms < best[0]:
+            self._find_max_offset()
+        else:
+            self._index_offset(p)
+
     def expire(self, now: float) -> None:
         """Give up the held seats that fell due; elect a host if theirs was one."""
         while self._reserved:  # in deadline order: stop at the first not due
@@ -308,6 +334,7 @@ class Seats:
             self._leads[p.id] = p
         if p.rtt_ms is not None:
             self.note_rtt(p.id, p.rtt_ms)
+        self._index_offset(p)
 
     def _unseat(self, pid: str) -> Participant:
         p = self.participants.pop(pid)
@@ -316,6 +343,8 @@ class Seats:
         self._leads.pop(pid, None)
         if self._worst_rtt is not None and self._worst_rtt[1] == pid:
             self._find_worst_rtt()
+        if self._max_offset is not None and self._max_offset[1] == pid:
+            self._find_max_offset()
         return p
 
     def _hold(self, token_hash: str, reservation: Reservation) -> None:
@@ -331,6 +360,19 @@ class Seats:
     def _find_worst_rtt(self) -> None:
         rtts = ((p.rtt_ms, p.id) for p in self.participants.values() if p.rtt_ms is not None)
         self._worst_rtt = max(rtts, default=None)
+
+    def _index_offset(self, p: Participant) -> None:
+        best = self._max_offset
+        if p.latency_offset_ms > 0 and (best is None or p.latency_offset_ms >= best[0]):
+            self._max_offset = (p.latency_offset_ms, p.id)
+
+    def _find_max_offset(self) -> None:
+        offsets = (
+            (p.latency_offset_ms, p.id)
+            for p in self.participants.values()
+            if p.latency_offset_ms > 0
+        )
+        self._max_offset = max(offsets, default=None)
 
     # -- roles and presence ------------------------------------------------------------
 
