@@ -55,6 +55,7 @@ from .clusterproto import (
     Keys,
     Message,
     capture,
+    copy_news,
     decode_message,
     decode_value,
     encode_closed,
@@ -71,6 +72,7 @@ from .clusterproto import (
 from .config import Settings, redis_url_for_humans
 from .hub import CLOSE_REPLACED, CLOSE_ROOM_CLOSED, Client, Hub, RoomEntry
 from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .seats import PresenceDelta
 
 if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
     from exceptiongroup import BaseExceptionGroup
@@ -247,10 +249,16 @@ class RoomPipe:
             hub._apply(entry, [BroadcastState(room.state(), room.queue_rev)])
         entry.wake()
 
-    def rebuild(self) -> None:
-        """The replica again from the known value (after a change or a failed commit)."""
+    def rebuild(self, news: PresenceDelta | None = None) -> None:
+        """The replica again from the known value (after a change or a failed commit).
+
+        ``news``: the presence news from before a change that was not committed
+        (else the replica's own are kept).
+        """
         entry = self.entry
         if self.value is None:
+            if news is not None:
+                entry.room.seats.presence = news
             return
         backend = self.backend
         entry.room = replica(
@@ -261,6 +269,7 @@ class RoomPipe:
             rng=backend.hub._rng,
             carry=entry.room,
             local=entry.clients,
+            news=news,
         )
 
     # -- committing ------------------------------------------------------------------
@@ -272,6 +281,9 @@ class RoomPipe:
                 break
             room = self.entry.room
             before = room.revision
+            # A poll's flushed news go out even if it is not committed (below);
+            # any other change that is not committed must announce nothing.
+            news = None if op.poll else copy_news(room.seats.presence)
             effects = op.apply(room, self.backend.hub.clock.now_ms())
             changed = room.revision != before or any(isinstance(e, BroadcastState) for e in effects)
             if op.poll:
@@ -286,7 +298,7 @@ class RoomPipe:
                 token = await self.backend.lease(self) or ""
                 if not token:
                     self._without_lease(op)
-                    self.rebuild()
+                    self.rebuild(news)
                     await self._publish_presence(effects)
                     self._deliver_presence(effects)
                     return
@@ -294,7 +306,7 @@ class RoomPipe:
             if outcome is True:
                 self._settle(op, effects)
                 return
-            self.rebuild()
+            self.rebuild(news)
             if op.poll:  # the news of who came and went is not lost with the poll
                 self._deliver_presence(effects)
                 await self._publish_presence(effects)

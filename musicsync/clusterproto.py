@@ -13,6 +13,7 @@ Nothing here imports trio or talks to Redis; ``cluster.py`` is the edge.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Container, Iterable, Mapping
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .effects import Disconnect
-from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .room import LISTENER, BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .seats import PresenceDelta
 
 # -- durations and limits (milliseconds where Redis takes them) -------------------
 
@@ -330,6 +332,12 @@ def decode_value(text: str | bytes) -> dict[str, Any]:
     return value
 
 
+def copy_news(delta: PresenceDelta) -> PresenceDelta:
+    """The presence news not yet flushed, as they are now (a change that is
+    then not committed must not leave its own news behind)."""
+    return PresenceDelta(dict(delta.joined), list(delta.left), dict(delta.changed), delta.due_at)
+
+
 def replica(
     name: str,
     value: Mapping[str, Any],
@@ -338,6 +346,7 @@ def replica(
     rng: random.Random | None = None,
     carry: Room | None = None,
     local: Iterable[str] = (),
+    news: PresenceDelta | None = None,
 ) -> Room:
     """This node's copy of a shared room, from its value.
 
@@ -346,9 +355,11 @@ def replica(
     deadlines the value gives them, and the queue revision is the shared one.
     From ``carry`` (the replica this one replaces) come what only this node
     knows: its connected participants that the value leaves out (a crowd's
-    listeners), their round trips, the room's change budget and the presence
-    news not yet flushed.
-
+    listeners, seated as listeners: hosts and co-hosts are always in the
+    value), their round trips, the room's change budget and the presence news
+    not yet flushed: ``carry``'s own, or ``news`` (those from before a change
+    that was not committed). Those news name this copy's participants, so a
+    role the value gives is the one announced.
     """
     try:
         room = Room.restore(name, dict(value["snap"]), now, resume_grace_ms, rng=rng)
@@ -376,9 +387,18 @@ def replica(
             if pid not in room.participants and (
                 mine.token_hash is None or mine.token_hash not in seats.held
             ):
+                if mine.role != LISTENER:  # a role from a change that was not committed
+                    mine = dataclasses.replace(mine, role=LISTENER)
                 seats.seat_only_here(mine)
             elif pid in room.participants and mine.rtt_ms is not None:
                 room.note_rtt(pid, mine.rtt_ms)
+    if news is not None:
+        seats.presence = news
+    joined = seats.presence.joined
+    for pid in joined:
+        now_seated = seats.participants.get(pid)
+        if now_seated is not None:
+            joined[pid] = now_seated
     return room
 
 
