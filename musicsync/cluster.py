@@ -43,6 +43,7 @@ from .clusterproto import (
     LEASE_RETRY_SECONDS,
     LEASE_TTL_MS,
     MAX_COMMIT_ATTEMPTS,
+    MAX_TURN_WAITS,
     NODE_HEARTBEAT_SECONDS,
     NODE_TTL_MS,
     RECONNECT_FIRST_SECONDS,
@@ -51,6 +52,7 @@ from .clusterproto import (
     RESEED_LUA,
     ROOM_TTL_MARGIN_MS,
     STALE,
+    TURN_TTL_MS,
     BadValue,
     Keys,
     Message,
@@ -68,6 +70,7 @@ from .clusterproto import (
     nodes_in,
     order,
     replica,
+    shared_offset,
 )
 from .config import Settings, redis_url_for_humans
 from .hub import CLOSE_REPLACED, CLOSE_ROOM_CLOSED, Client, Hub, RoomEntry
@@ -152,6 +155,9 @@ class _Op:
     failed: Callable[[], None] | None = None
     timed: bool = False  # needs the room's lease (poll, dead nodes)
     poll: bool = False
+    # Something only the value shares changed (no revision counts it): commit
+    # if this says the known value is behind the replica.
+    shares: Callable[[Room, dict[str, Any] | None], bool] | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -174,6 +180,7 @@ class RoomPipe:
         self.backoff_until = -math.inf  # no lease: do not try timed changes before
         self.poll_queued = False
         self.closed = False
+        self.turn = False  # this node has the room's turn (it lost a race and has not committed)
 
     # -- the queue ---------------------------------------------------------------
 
@@ -275,7 +282,15 @@ class RoomPipe:
     # -- committing ------------------------------------------------------------------
 
     async def _run(self, op: _Op) -> None:
-        for _ in range(MAX_COMMIT_ATTEMPTS):
+        try:
+            await self._attempts(op)
+        finally:
+            if self.turn:  # ours after a lost race, and not used up by a commit
+                await self.backend.release_turn(self)
+
+    async def _attempts(self, op: _Op) -> None:
+        lost = waits = 0
+        while lost < MAX_COMMIT_ATTEMPTS and waits <= MAX_TURN_WAITS:
             self._take_inbox()
             if self.closed:
                 break
@@ -286,6 +301,8 @@ class RoomPipe:
             news = None if op.poll else copy_news(room.seats.presence)
             effects = op.apply(room, self.backend.hub.clock.now_ms())
             changed = room.revision != before or any(isinstance(e, BroadcastState) for e in effects)
+            if op.shares is not None and not changed:
+                changed = op.shares(room, self.value)
             if op.poll:
                 self.poll_queued = False
             if not changed:
@@ -310,23 +327,34 @@ class RoomPipe:
             if op.poll:  # the news of who came and went is not lost with the poll
                 self._deliver_presence(effects)
                 await self._publish_presence(effects)
-                effects = [e for e in effects if not isinstance(e, BroadcastPresence)]
             if outcome is None:  # Redis is away
                 self._refuse(op)
                 return
             if outcome == "lease":
                 self._without_lease(op)
                 return
-            # lost the race: outcome is (rev, value text); catch up, apply again
             rev, text = outcome
+            if text is None:  # another node's turn: until its commit is here, then again
+                waits += 1
+                self.backend.stats["turn_waits"] += 1
+                await self._catch_up(rev + 1, "", TURN_TTL_MS / 1000)
+                continue
+            # lost the race (the turn is ours now): catch up, apply again
+            lost += 1
             self.backend.stats["lost_races"] += 1
             await self._catch_up(rev, text)
-        log.warning("room %s: a change refused after %d lost races", self.name, MAX_COMMIT_ATTEMPTS)
+        log.warning(
+            "room %s: a change refused after %d lost races and %d waits for another node",
+            self.name,
+            lost,
+            waits,
+        )
         self._refuse(op)
 
     async def _commit(self, effects: list[Effect], token: str) -> Any:
         """True once committed; None if Redis is away; "lease" if the lease was
-        lost; else (rev, value) of the commit that came first."""
+        lost; (rev, None) if another node has the room's turn; else (rev, value)
+        of the commit that came first (and the turn is this node's)."""
         backend, entry = self.backend, self.entry
         local = set(entry.clients)
         local.update(e.to for e in effects if isinstance(e, Reply) and e.kind == "welcome")
@@ -338,13 +366,25 @@ class RoomPipe:
         keys = backend.keys
         try:
             result: Any = await backend.commit_script(
-                keys=[keys.room(self.name), keys.lease(self.name)],
-                args=[self.rev, value_json, message, token, backend.room_ttl_ms, keys.channel],
+                keys=[keys.room(self.name), keys.lease(self.name), keys.turn(self.name)],
+                args=[
+                    self.rev,
+                    value_json,
+                    message,
+                    token,
+                    backend.room_ttl_ms,
+                    keys.channel,
+                    backend.node,
+                    TURN_TTL_MS,
+                ],
             )
         except REDIS_DOWN as exc:
             backend.mark_down(exc)
             return None
         status, rev = int(result[0]), int(result[1])
+        if status == -2:
+            return rev, None
+        self.turn = status == 0  # a lost race takes the turn; anything else gives it up
         if status == 1:
             self.rev, self.value = rev, value
             backend.stats["commits"] += 1
@@ -354,9 +394,9 @@ class RoomPipe:
             return "lease"
         return rev, str(result[2]) if len(result) > 2 else ""
 
-    async def _catch_up(self, rev: int, text: str) -> None:
+    async def _catch_up(self, rev: int, text: str, wait: float = CATCH_UP_SECONDS) -> None:
         """Wait a moment for the winner's message (to deliver it); else take its value."""
-        with trio.move_on_after(CATCH_UP_SECONDS):
+        with trio.move_on_after(wait):
             while self.rev < rev and not self.closed:
                 self._take_inbox()
                 if self.rev >= rev:
@@ -408,7 +448,7 @@ class RedisBackend:
         self.room_ttl_ms = int(settings.room_idle_ttl * 1000) + ROOM_TTL_MARGIN_MS
         self.pipes: dict[str, RoomPipe] = {}
         self.available = True
-        self.stats: Counter[str] = Counter()  # commits, lost_races
+        self.stats: Counter[str] = Counter()  # commits, lost_races, turn_waits
         self._hub: Hub | None = None
         self._redis: coredis.Redis[str] | None = None
         self._nursery: trio.Nursery | None = None
@@ -703,6 +743,18 @@ class RedisBackend:
 
         pipe.submit(_Op(apply))
 
+    def share_offset(self, entry: RoomEntry, pid: str) -> None:
+        """A device here reported a new latency offset: into the value, so that
+        every node's lead covers it (only a participant the value names)."""
+
+        def behind(room: Room, value: dict[str, Any] | None) -> bool:
+            p = room.participants.get(pid)
+            if p is None or value is None or pid not in value.get("live", {}):
+                return False
+            return shared_offset(value, pid) != p.latency_offset_ms
+
+        self.pipe(entry).submit(_Op(lambda room, now: [], shares=behind))
+
     async def change(self, entry: RoomEntry, client: Client, op: Op) -> None:
         hub = self.hub
 
@@ -734,6 +786,14 @@ class RedisBackend:
         if pipe.lease is not None and self._nursery is not None:
             token = pipe.lease
             self._nursery.start_soon(self._release, room_name, token)
+
+    async def release_turn(self, pipe: RoomPipe) -> None:
+        """Give the room's turn back (the change that took it needed no commit after all)."""
+        pipe.turn = False
+        try:
+            await self.release_script(keys=[self.keys.turn(pipe.name)], args=[self.node])
+        except REDIS_DOWN as exc:
+            self.mark_down(exc)
 
     async def _release(self, room_name: str, token: str) -> None:
         try:

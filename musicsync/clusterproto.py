@@ -4,9 +4,10 @@ A room shared by several nodes is one Redis hash: ``rev`` (the number of
 commits: it grows by exactly one per commit, whichever node made it) and
 ``value`` (JSON: the room's ``snapshot()`` plus what only a cluster needs: which
 node each seated participant is connected to, when each held seat expires, the
-queue revision and the round trips). Every commit goes through ``COMMIT_LUA``:
-compare ``rev``, store, publish the change, in one script. Timed changes also
-carry the lease token of the room, which the script checks.
+queue revision, the round trips and the device latency offsets). Every commit
+goes through ``COMMIT_LUA``: compare ``rev``, store, publish the change, in one
+script. Timed changes also carry the lease token of the room, which the script
+checks; a node that lost a race has the room's next turn.
 
 Nothing here imports trio or talks to Redis; ``cluster.py`` is the edge.
 """
@@ -44,6 +45,16 @@ MAX_COMMIT_ATTEMPTS = 8
 # After a lost compare-and-set the node waits this long for the winner's
 # published change (so that it delivers it) before reading the value itself.
 CATCH_UP_SECONDS = 0.5
+# A node that loses a compare-and-set takes the room's turn (in the same
+# script): until it commits, or this long, other nodes' commits wait for it.
+# Without it, a node with a stream of changes (a crowd joining) won every race
+# against one that had to catch up first, and the other's change was refused.
+# Longer than a catch-up and a retry on a loaded machine; a dead holder's
+# turn lapses after it.
+TURN_TTL_MS = 2_000
+# A change waits for another node's turn at most this many times (each until
+# that node's commit arrives, or the turn lapses) before it is refused.
+MAX_TURN_WAITS = 10
 # Reconnecting to Redis: first delay, doubled up to the cap.
 RECONNECT_FIRST_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 5.0
@@ -76,6 +87,9 @@ class Keys:
     def epoch(self, name: str) -> str:
         return f"{self.prefix}:epoch:{name}"
 
+    def turn(self, name: str) -> str:
+        return f"{self.prefix}:turn:{name}"
+
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
 
@@ -86,15 +100,23 @@ class Keys:
 
 # -- the Lua ----------------------------------------------------------------------
 
-# KEYS: room hash, lease. ARGV: expected rev, value JSON, message, lease token
-# ('' for a change that is not timed), TTL ms, channel.
-# Returns {1, rev} committed; {0, rev, value} someone else committed first;
-# {-1, rev} the lease token is not (or no longer) the room's.
+# KEYS: room hash, lease, turn. ARGV: expected rev, value JSON, message, lease
+# token ('' for a change that is not timed), TTL ms, channel, node id, turn TTL ms.
+# Returns {1, rev} committed; {0, rev, value} someone else committed first (the
+# caller now has the room's turn, unless another node has it); {-1, rev} the
+# lease token is not (or no longer) the room's; {-2, rev} another node has the
+# turn: wait for its commit.
 COMMIT_LUA = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+local turn = redis.call('GET', KEYS[3])
+if turn and turn ~= ARGV[7] then
+  return {-2, cur}
+end
 if cur ~= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
   return {0, cur, redis.call('HGET', KEYS[1], 'value') or ''}
 end
+if turn then redis.call('DEL', KEYS[3]) end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then
   return {-1, cur}
 end
@@ -133,7 +155,8 @@ redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
 return token
 """
 
-# KEYS: lease. ARGV: token. Gives the lease up if this node still holds it.
+# KEYS: lease (or turn). ARGV: token (or node id). Gives the lease (or the
+# room's turn) up if this node still holds it.
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -296,26 +319,39 @@ def capture(
     snap = room.snapshot()
     prev_live: Mapping[str, str] = previous.get("live", {}) if previous else {}
     prev_rtt: Mapping[str, float] = previous.get("rtt", {}) if previous else {}
+    prev_offset: Mapping[str, float] = previous.get("offset", {}) if previous else {}
     mine = set(local)
     seats = snap["seats"]["seats"]
     seat_ids = {seat["id"] for seat in seats}
     seat_hashes = {seat["token_hash"] for seat in seats}
     live: dict[str, str] = {}
     rtt: dict[str, float] = {}
+    offset: dict[str, float] = {}
     for pid, p in room.participants.items():
         if pid not in seat_ids:
             continue
-        live[pid] = node if pid in mine else prev_live.get(pid, node)
-        known = p.rtt_ms if pid in mine else prev_rtt.get(pid, p.rtt_ms)
+        here = pid in mine
+        live[pid] = node if here else prev_live.get(pid, node)
+        known = p.rtt_ms if here else prev_rtt.get(pid, p.rtt_ms)
         if known is not None:
             rtt[pid] = known
+        # The device's node knows its offset (it reports it); others keep the shared one.
+        device = p.latency_offset_ms if here else prev_offset.get(pid, p.latency_offset_ms)
+        if device:
+            offset[pid] = device
     return {
         "snap": snap,
         "live": live,
         "held": {h: res.until for h, res in room.seats.held.items() if h in seat_hashes},
         "queue_rev": room.queue_rev,
         "rtt": rtt,
+        "offset": offset,
     }
+
+
+def shared_offset(value: Mapping[str, Any] | None, pid: str) -> float:
+    """``pid``'s device latency offset as the value shares it (0 if none)."""
+    return float(value.get("offset", {}).get(pid, 0.0)) if value else 0.0
 
 
 def encode_value(value: Mapping[str, Any]) -> str:
@@ -366,6 +402,7 @@ def replica(
         live: Mapping[str, str] = value.get("live", {})
         held: Mapping[str, float] = value.get("held", {})
         rtts: Mapping[str, float] = value.get("rtt", {})
+        offsets: Mapping[str, float] = value.get("offset", {})
         queue_rev = int(value.get("queue_rev", 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadValue(f"room {name!r}: unreadable value: {exc}") from None
@@ -374,9 +411,15 @@ def replica(
         if reservation.participant.id in live:
             seats.seat_held(token_hash)
     seats.set_deadlines(held)
-    for pid, rtt in rtts.items():
-        if pid in room.participants:
-            room.note_rtt(pid, float(rtt))
+    try:
+        for pid, rtt in rtts.items():
+            if pid in room.participants:
+                room.note_rtt(pid, float(rtt))
+        for pid, device in offsets.items():
+            if pid in room.participants:
+                room.note_latency_offset(pid, float(device))
+    except (TypeError, ValueError) as exc:
+        raise BadValue(f"room {name!r}: unreadable value: {exc}") from None
     room.playqueue.adopt_rev(queue_rev)
     if carry is not None:
         room.carry_over(carry)
@@ -390,8 +433,10 @@ def replica(
                 if mine.role != LISTENER:  # a role from a change that was not committed
                     mine = dataclasses.replace(mine, role=LISTENER)
                 seats.seat_only_here(mine)
-            elif pid in room.participants and mine.rtt_ms is not None:
-                room.note_rtt(pid, mine.rtt_ms)
+            elif pid in room.participants:  # what its own reports said last, here
+                if mine.rtt_ms is not None:
+                    room.note_rtt(pid, mine.rtt_ms)
+                room.note_latency_offset(pid, mine.latency_offset_ms)
     if news is not None:
         seats.presence = news
     joined = seats.presence.joined

@@ -123,6 +123,10 @@ class RoomBackend(Protocol):
 
     def leave(self, entry: RoomEntry, pid: str) -> None: ...
 
+    def share_offset(self, entry: RoomEntry, pid: str) -> None:
+        """``pid``, connected here, reported a new device latency offset."""
+        ...
+
     async def change(self, entry: RoomEntry, client: Client, op: RoomOp) -> None: ...
 
     def tick(self, entry: RoomEntry, now: float) -> float:
@@ -651,7 +655,10 @@ class Hub:
         if entry is None or participant is None:
             return
         if report.latency_offset_ms is not None:
+            before = participant.latency_offset_ms
             entry.room.note_latency_offset(client.id, report.latency_offset_ms)
+            if self.backend is not None and participant.latency_offset_ms != before:
+                self.backend.share_offset(entry, client.id)  # every node's lead covers it
         now = self.clock.now_ms()
         entry.health.report(Device.from_report(client.id, participant.name, report, now))
         self._send_health(entry, now)

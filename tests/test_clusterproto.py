@@ -30,6 +30,7 @@ from musicsync.clusterproto import (
     nodes_in,
     order,
     replica,
+    shared_offset,
 )
 from musicsync.config import ConfigError, parse_redis_url, redis_url_for_humans, resolve_settings
 from musicsync.effects import Disconnect
@@ -263,3 +264,23 @@ def test_carried_news_name_the_role_the_value_gives() -> None:
     copy = replica("main", value, T0 + 1, GRACE, carry=room, local=["h", "c"])
     (delta,) = (e for e in copy.poll(T0 + 10_000) if isinstance(e, BroadcastPresence))
     assert {p["id"]: p["role"] for p in delta.delta["joined"]} == {"h": "host", "c": "listener"}
+
+
+def test_device_offsets_are_shared_and_every_replica_leads_by_the_largest() -> None:
+    room = busy_room()
+    room.note_latency_offset("l", 300.0)  # a Bluetooth speaker, connected to node A
+    value = capture(room, "A", None, ["h", "c", "l"])
+    assert value["offset"] == {"l": 300.0}
+    assert shared_offset(value, "l") == 300.0 and shared_offset(value, "h") == 0.0
+    on_b = replica("main", json.loads(encode_value(value)), T0 + 5_000, GRACE)
+    assert on_b.participants["l"].latency_offset_ms == 300.0
+    assert on_b.lead_ms() == room.lead_ms()
+    # Node B commits something: it keeps what A (the device's node) said...
+    on_b.note_latency_offset("l", 0.0)  # a host's set_latency_offset, not yet reported
+    again = capture(on_b, "B", value, [])
+    assert again["offset"] == {"l": 300.0}
+    # ...and A's replica keeps its own device's newest report over the value.
+    room.note_latency_offset("l", 450.0)
+    mine = replica("main", again, T0 + 6_000, GRACE, carry=room, local=["h", "c", "l"])
+    assert mine.participants["l"].latency_offset_ms == 450.0
+    assert capture(mine, "A", again, ["h", "c", "l"])["offset"] == {"l": 450.0}
