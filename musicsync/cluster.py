@@ -56,6 +56,7 @@ from .clusterproto import (
     BadValue,
     Keys,
     Message,
+    addressed_elsewhere,
     capture,
     copy_news,
     decode_message,
@@ -63,6 +64,7 @@ from .clusterproto import (
     encode_closed,
     encode_commit,
     encode_effects,
+    encode_health,
     encode_value,
     for_other_nodes,
     live_elsewhere,
@@ -306,6 +308,12 @@ class RoomPipe:
             if op.poll:
                 self.poll_queued = False
             if not changed:
+                elsewhere = addressed_elsewhere(effects, self.entry.clients)
+                if elsewhere and not await self.backend.publish(
+                    encode_effects(self.name, self.backend.node, elsewhere)
+                ):
+                    self._refuse(op)  # not sent: the sender hears it was not
+                    return
                 self._settle(op, effects)
                 if op.poll:
                     await self._publish_presence(effects)
@@ -514,11 +522,14 @@ class RedisBackend:
                     with contextlib.suppress(*REDIS_DOWN):
                         await client.delete([self.keys.node(self.node)])
 
-    async def publish(self, message: str) -> None:
+    async def publish(self, message: str) -> bool:
+        """Publish on the change channel; False if Redis is away."""
         try:
             await self.redis.publish(self.keys.channel, message)
         except REDIS_DOWN as exc:
             self.mark_down(exc)
+            return False
+        return True
 
     # -- the change channel --------------------------------------------------------------
 
@@ -564,8 +575,28 @@ class RedisBackend:
             log.warning("ignored a change message: %s", exc)
             return
         pipe = self.pipes.get(msg.room)
-        if pipe is not None and self.hub.rooms.get(msg.room) is pipe.entry:
-            pipe.receive(msg)
+        if pipe is None or self.hub.rooms.get(msg.room) is not pipe.entry:
+            return
+        if msg.health is not None:  # not a change: straight to the room's health
+            if msg.node != self.node and pipe.entry.health.note_remote(msg.node, msg.health):
+                pipe.entry.wake()
+            return
+        pipe.receive(msg)
+
+    def health(self, entry: RoomEntry, now_ms: float) -> dict[str, Any] | None:
+        """The room's ``health`` payload if due, merged with other nodes' digests;
+        this node's own digest is published if hosts or co-hosts are elsewhere."""
+        room = entry.room
+        polled = entry.health.poll_cluster(now_ms, len(room.participants), len(entry.clients))
+        if polled is None:
+            return None
+        digest, payload = polled
+        pipe = self.pipes.get(room.name)
+        if digest is None or pipe is None or self._nursery is None:
+            return payload
+        if any(live_elsewhere(pipe.value, pid, self.node) for pid in room.lead_ids()):
+            self._nursery.start_soon(self.publish, encode_health(room.name, self.node, digest))
+        return payload
 
     async def _resync_all(self) -> None:
         """Redis is back: read every room again; put back one Redis lost."""

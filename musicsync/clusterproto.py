@@ -251,6 +251,18 @@ def for_other_nodes(effects: Iterable[Effect], local: Container[str]) -> list[Ef
     ]
 
 
+def addressed_elsewhere(effects: Iterable[Effect], local: Container[str]) -> list[Effect]:
+    """Effects for participants not connected here, of a change that needs no
+    commit (a host's ``resync`` or ``set_latency_offset`` for a device on
+    another node): they cross as a message of effects."""
+    return [
+        e
+        for e in effects
+        if (isinstance(e, Disconnect) or (isinstance(e, Reply) and e.kind != "welcome"))
+        and e.to not in local
+    ]
+
+
 # -- messages ----------------------------------------------------------------------
 
 
@@ -265,6 +277,8 @@ class Message:
     effects: list[Effect]
     value: dict[str, Any] | None = None
     closed: bool = False
+    # A node's digest of the room's device health (health.RoomHealth.poll_cluster).
+    health: dict[str, Any] | None = None
 
 
 def encode_commit(room: str, node: str, rev: int, effects: list[Effect], value_json: str) -> str:
@@ -283,6 +297,13 @@ def encode_effects(room: str, node: str, effects: list[Effect]) -> str:
     )
 
 
+def encode_health(room: str, node: str, digest: Mapping[str, Any]) -> str:
+    return json.dumps(
+        {"room": room, "node": node, "rev": None, "fx": [], "health": digest},
+        separators=(",", ":"),
+    )
+
+
 def encode_closed(room: str, node: str) -> str:
     return json.dumps({"room": room, "node": node, "rev": None, "fx": [], "closed": True})
 
@@ -292,6 +313,7 @@ def decode_message(data: str | bytes) -> Message:
         raw = json.loads(data)
         rev = raw["rev"]
         value = raw.get("value")
+        health = raw.get("health")
         return Message(
             room=str(raw["room"]),
             node=str(raw["node"]),
@@ -299,6 +321,7 @@ def decode_message(data: str | bytes) -> Message:
             effects=effects_from_wire(raw["fx"]),
             value=value if isinstance(value, dict) else None,
             closed=bool(raw.get("closed", False)),
+            health=health if isinstance(health, dict) else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadValue(f"unreadable change message: {exc}") from None

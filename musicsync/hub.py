@@ -127,6 +127,10 @@ class RoomBackend(Protocol):
         """``pid``, connected here, reported a new device latency offset."""
         ...
 
+    def health(self, entry: RoomEntry, now_ms: float) -> dict[str, Any] | None:
+        """The room's ``health`` payload if one is due, with other nodes' devices."""
+        ...
+
     async def change(self, entry: RoomEntry, client: Client, op: RoomOp) -> None: ...
 
     def tick(self, entry: RoomEntry, now: float) -> float:
@@ -665,8 +669,12 @@ class Hub:
         entry.wake()  # the timer sends the frame a report made due later
 
     def _send_health(self, entry: RoomEntry, now_ms: float) -> None:
-        """The health frame, if due: encoded once, to the room's hosts and co-hosts only."""
-        payload = entry.health.poll(now_ms, len(entry.room.participants))
+        """The health frame, if due: encoded once, to the room's hosts and co-hosts only
+        (with a backend: merged with other nodes' devices)."""
+        if self.backend is not None:
+            payload = self.backend.health(entry, now_ms)
+        else:
+            payload = entry.health.poll(now_ms, len(entry.room.participants))
         if payload is None:
             return
         frame = Frame(encode("health", **payload))
