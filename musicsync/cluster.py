@@ -52,6 +52,7 @@ from .clusterproto import (
     RESEED_LUA,
     ROOM_TTL_MARGIN_MS,
     STALE,
+    TURN_POLL_SECONDS,
     TURN_TTL_MS,
     BadValue,
     Keys,
@@ -235,6 +236,10 @@ class RoomPipe:
                     hub._apply(self.entry, msg.effects)
                 continue
             where = order(self.rev, msg.rev)
+            if msg.resync is not None:
+                if msg.value is not None and self.rev == msg.resync:
+                    self.adopt(msg.rev, msg.value, [], resync=True)
+                continue
             if where == STALE or msg.value is None:
                 continue
             self.adopt(msg.rev, msg.value, msg.effects, resync=where == GAP)
@@ -345,7 +350,7 @@ class RoomPipe:
             if text is None:  # another node's turn: until its commit is here, then again
                 waits += 1
                 self.backend.stats["turn_waits"] += 1
-                await self._catch_up(rev + 1, "", TURN_TTL_MS / 1000)
+                await self._catch_up(rev + 1, "", TURN_POLL_SECONDS)
                 continue
             # lost the race (the turn is ours now): catch up, apply again
             lost += 1
@@ -618,9 +623,13 @@ class RedisBackend:
                 return
             if rev is not None and text and int(rev) != pipe.rev:
                 try:
-                    pipe.adopt(int(rev), decode_value(text), [], resync=True)
+                    value = decode_value(text)
                 except BadValue as exc:
                     log.error("room %s: %s", pipe.name, exc)
+                    continue
+                # Through the pipe: a change in flight there must not have its
+                # replica swapped under it.
+                pipe.receive(Message(pipe.name, self.node, int(rev), [], value, resync=pipe.rev))
         self.mark_up()
 
     # -- heartbeat: presence, leases, dead nodes, repairs ------------------------------------

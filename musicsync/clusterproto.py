@@ -52,9 +52,12 @@ CATCH_UP_SECONDS = 0.5
 # Longer than a catch-up and a retry on a loaded machine; a dead holder's
 # turn lapses after it.
 TURN_TTL_MS = 2_000
-# A change waits for another node's turn at most this many times (each until
-# that node's commit arrives, or the turn lapses) before it is refused.
-MAX_TURN_WAITS = 10
+# A change that meets another node's turn waits for that node's commit to
+# arrive, or this long (the turn may have been given back unused), then tries
+# again; at most MAX_TURN_WAITS times (longer than a turn lives) before it is
+# refused.
+TURN_POLL_SECONDS = 0.05
+MAX_TURN_WAITS = 100
 # Reconnecting to Redis: first delay, doubled up to the cap.
 RECONNECT_FIRST_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 5.0
@@ -279,6 +282,10 @@ class Message:
     closed: bool = False
     # A node's digest of the room's device health (health.RoomHealth.poll_cluster).
     health: dict[str, Any] | None = None
+    # Read from Redis by this node (never published) while it knew revision
+    # ``resync``: taken even if older (Redis lost writes), unless the node
+    # moved on since; everyone here is sent the state.
+    resync: int | None = None
 
 
 def encode_commit(room: str, node: str, rev: int, effects: list[Effect], value_json: str) -> str:
