@@ -164,6 +164,15 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+def lock_data_dir(settings: Settings) -> DataDirLock:
+    """The data directory's lock (raises DataDirBusy). With ``--redis`` the rooms
+    live in Redis and the directory holds nothing of ours, so nodes on one
+    machine may share it: nothing is locked then."""
+    if settings.redis is not None:
+        return DataDirLock(settings.data_dir, None)
+    return DataDirLock.acquire(settings.data_dir)
+
+
 async def run_server(
     settings: Settings,
     shutdown: trio.Event,
@@ -182,7 +191,7 @@ async def run_server(
     if data_lock is not None:
         await _serve(settings, shutdown, data_lock, task_status)
         return
-    lock = await trio.to_thread.run_sync(DataDirLock.acquire, settings.data_dir)
+    lock = await trio.to_thread.run_sync(lock_data_dir, settings)
     try:
         await _serve(settings, shutdown, lock, task_status)
     finally:
@@ -286,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before anything else starts: a second server on the same data directory
     # stops here, with one line, and never touches the room database.
     try:
-        data_lock = DataDirLock.acquire(settings.data_dir)
+        data_lock = lock_data_dir(settings)
     except DataDirBusy as exc:  # SystemExit: the zipapp's __main__ ignores main()'s return
         parser.exit(EXIT_DATA_DIR_BUSY, f"musicsync: {exc}\n")
     except OSError as exc:

@@ -43,6 +43,7 @@ from .clusterproto import (
     LEASE_RETRY_SECONDS,
     LEASE_TTL_MS,
     MAX_COMMIT_ATTEMPTS,
+    MAX_TURN_WAITS,
     NODE_HEARTBEAT_SECONDS,
     NODE_TTL_MS,
     RECONNECT_FIRST_SECONDS,
@@ -51,15 +52,20 @@ from .clusterproto import (
     RESEED_LUA,
     ROOM_TTL_MARGIN_MS,
     STALE,
+    TURN_POLL_SECONDS,
+    TURN_TTL_MS,
     BadValue,
     Keys,
     Message,
+    addressed_elsewhere,
     capture,
+    copy_news,
     decode_message,
     decode_value,
     encode_closed,
     encode_commit,
     encode_effects,
+    encode_health,
     encode_value,
     for_other_nodes,
     live_elsewhere,
@@ -67,10 +73,12 @@ from .clusterproto import (
     nodes_in,
     order,
     replica,
+    shared_offset,
 )
 from .config import Settings, redis_url_for_humans
 from .hub import CLOSE_REPLACED, CLOSE_ROOM_CLOSED, Client, Hub, RoomEntry
 from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .seats import PresenceDelta
 
 if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
     from exceptiongroup import BaseExceptionGroup
@@ -150,6 +158,9 @@ class _Op:
     failed: Callable[[], None] | None = None
     timed: bool = False  # needs the room's lease (poll, dead nodes)
     poll: bool = False
+    # Something only the value shares changed (no revision counts it): commit
+    # if this says the known value is behind the replica.
+    shares: Callable[[Room, dict[str, Any] | None], bool] | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -172,6 +183,7 @@ class RoomPipe:
         self.backoff_until = -math.inf  # no lease: do not try timed changes before
         self.poll_queued = False
         self.closed = False
+        self.turn = False  # this node has the room's turn (it lost a race and has not committed)
 
     # -- the queue ---------------------------------------------------------------
 
@@ -224,6 +236,10 @@ class RoomPipe:
                     hub._apply(self.entry, msg.effects)
                 continue
             where = order(self.rev, msg.rev)
+            if msg.resync is not None:
+                if msg.value is not None and self.rev == msg.resync:
+                    self.adopt(msg.rev, msg.value, [], resync=True)
+                continue
             if where == STALE or msg.value is None:
                 continue
             self.adopt(msg.rev, msg.value, msg.effects, resync=where == GAP)
@@ -247,10 +263,16 @@ class RoomPipe:
             hub._apply(entry, [BroadcastState(room.state(), room.queue_rev)])
         entry.wake()
 
-    def rebuild(self) -> None:
-        """The replica again from the known value (after a change or a failed commit)."""
+    def rebuild(self, news: PresenceDelta | None = None) -> None:
+        """The replica again from the known value (after a change or a failed commit).
+
+        ``news``: the presence news from before a change that was not committed
+        (else the replica's own are kept).
+        """
         entry = self.entry
         if self.value is None:
+            if news is not None:
+                entry.room.seats.presence = news
             return
         backend = self.backend
         entry.room = replica(
@@ -261,22 +283,42 @@ class RoomPipe:
             rng=backend.hub._rng,
             carry=entry.room,
             local=entry.clients,
+            news=news,
         )
 
     # -- committing ------------------------------------------------------------------
 
     async def _run(self, op: _Op) -> None:
-        for _ in range(MAX_COMMIT_ATTEMPTS):
+        try:
+            await self._attempts(op)
+        finally:
+            if self.turn:  # ours after a lost race, and not used up by a commit
+                await self.backend.release_turn(self)
+
+    async def _attempts(self, op: _Op) -> None:
+        lost = waits = 0
+        while lost < MAX_COMMIT_ATTEMPTS and waits <= MAX_TURN_WAITS:
             self._take_inbox()
             if self.closed:
                 break
             room = self.entry.room
             before = room.revision
+            # A poll's flushed news go out even if it is not committed (below);
+            # any other change that is not committed must announce nothing.
+            news = None if op.poll else copy_news(room.seats.presence)
             effects = op.apply(room, self.backend.hub.clock.now_ms())
             changed = room.revision != before or any(isinstance(e, BroadcastState) for e in effects)
+            if op.shares is not None and not changed:
+                changed = op.shares(room, self.value)
             if op.poll:
                 self.poll_queued = False
             if not changed:
+                elsewhere = addressed_elsewhere(effects, self.entry.clients)
+                if elsewhere and not await self.backend.publish(
+                    encode_effects(self.name, self.backend.node, elsewhere)
+                ):
+                    self._refuse(op)  # not sent: the sender hears it was not
+                    return
                 self._settle(op, effects)
                 if op.poll:
                     await self._publish_presence(effects)
@@ -286,7 +328,7 @@ class RoomPipe:
                 token = await self.backend.lease(self) or ""
                 if not token:
                     self._without_lease(op)
-                    self.rebuild()
+                    self.rebuild(news)
                     await self._publish_presence(effects)
                     self._deliver_presence(effects)
                     return
@@ -294,27 +336,38 @@ class RoomPipe:
             if outcome is True:
                 self._settle(op, effects)
                 return
-            self.rebuild()
+            self.rebuild(news)
             if op.poll:  # the news of who came and went is not lost with the poll
                 self._deliver_presence(effects)
                 await self._publish_presence(effects)
-                effects = [e for e in effects if not isinstance(e, BroadcastPresence)]
             if outcome is None:  # Redis is away
                 self._refuse(op)
                 return
             if outcome == "lease":
                 self._without_lease(op)
                 return
-            # lost the race: outcome is (rev, value text); catch up, apply again
             rev, text = outcome
+            if text is None:  # another node's turn: until its commit is here, then again
+                waits += 1
+                self.backend.stats["turn_waits"] += 1
+                await self._catch_up(rev + 1, "", TURN_POLL_SECONDS)
+                continue
+            # lost the race (the turn is ours now): catch up, apply again
+            lost += 1
             self.backend.stats["lost_races"] += 1
             await self._catch_up(rev, text)
-        log.warning("room %s: a change refused after %d lost races", self.name, MAX_COMMIT_ATTEMPTS)
+        log.warning(
+            "room %s: a change refused after %d lost races and %d waits for another node",
+            self.name,
+            lost,
+            waits,
+        )
         self._refuse(op)
 
     async def _commit(self, effects: list[Effect], token: str) -> Any:
         """True once committed; None if Redis is away; "lease" if the lease was
-        lost; else (rev, value) of the commit that came first."""
+        lost; (rev, None) if another node has the room's turn; else (rev, value)
+        of the commit that came first (and the turn is this node's)."""
         backend, entry = self.backend, self.entry
         local = set(entry.clients)
         local.update(e.to for e in effects if isinstance(e, Reply) and e.kind == "welcome")
@@ -326,13 +379,25 @@ class RoomPipe:
         keys = backend.keys
         try:
             result: Any = await backend.commit_script(
-                keys=[keys.room(self.name), keys.lease(self.name)],
-                args=[self.rev, value_json, message, token, backend.room_ttl_ms, keys.channel],
+                keys=[keys.room(self.name), keys.lease(self.name), keys.turn(self.name)],
+                args=[
+                    self.rev,
+                    value_json,
+                    message,
+                    token,
+                    backend.room_ttl_ms,
+                    keys.channel,
+                    backend.node,
+                    TURN_TTL_MS,
+                ],
             )
         except REDIS_DOWN as exc:
             backend.mark_down(exc)
             return None
         status, rev = int(result[0]), int(result[1])
+        if status == -2:
+            return rev, None
+        self.turn = status == 0  # a lost race takes the turn; anything else gives it up
         if status == 1:
             self.rev, self.value = rev, value
             backend.stats["commits"] += 1
@@ -342,9 +407,9 @@ class RoomPipe:
             return "lease"
         return rev, str(result[2]) if len(result) > 2 else ""
 
-    async def _catch_up(self, rev: int, text: str) -> None:
+    async def _catch_up(self, rev: int, text: str, wait: float = CATCH_UP_SECONDS) -> None:
         """Wait a moment for the winner's message (to deliver it); else take its value."""
-        with trio.move_on_after(CATCH_UP_SECONDS):
+        with trio.move_on_after(wait):
             while self.rev < rev and not self.closed:
                 self._take_inbox()
                 if self.rev >= rev:
@@ -396,7 +461,7 @@ class RedisBackend:
         self.room_ttl_ms = int(settings.room_idle_ttl * 1000) + ROOM_TTL_MARGIN_MS
         self.pipes: dict[str, RoomPipe] = {}
         self.available = True
-        self.stats: Counter[str] = Counter()  # commits, lost_races
+        self.stats: Counter[str] = Counter()  # commits, lost_races, turn_waits
         self._hub: Hub | None = None
         self._redis: coredis.Redis[str] | None = None
         self._nursery: trio.Nursery | None = None
@@ -462,11 +527,14 @@ class RedisBackend:
                     with contextlib.suppress(*REDIS_DOWN):
                         await client.delete([self.keys.node(self.node)])
 
-    async def publish(self, message: str) -> None:
+    async def publish(self, message: str) -> bool:
+        """Publish on the change channel; False if Redis is away."""
         try:
             await self.redis.publish(self.keys.channel, message)
         except REDIS_DOWN as exc:
             self.mark_down(exc)
+            return False
+        return True
 
     # -- the change channel --------------------------------------------------------------
 
@@ -512,8 +580,28 @@ class RedisBackend:
             log.warning("ignored a change message: %s", exc)
             return
         pipe = self.pipes.get(msg.room)
-        if pipe is not None and self.hub.rooms.get(msg.room) is pipe.entry:
-            pipe.receive(msg)
+        if pipe is None or self.hub.rooms.get(msg.room) is not pipe.entry:
+            return
+        if msg.health is not None:  # not a change: straight to the room's health
+            if msg.node != self.node and pipe.entry.health.note_remote(msg.node, msg.health):
+                pipe.entry.wake()
+            return
+        pipe.receive(msg)
+
+    def health(self, entry: RoomEntry, now_ms: float) -> dict[str, Any] | None:
+        """The room's ``health`` payload if due, merged with other nodes' digests;
+        this node's own digest is published if hosts or co-hosts are elsewhere."""
+        room = entry.room
+        polled = entry.health.poll_cluster(now_ms, len(room.participants), len(entry.clients))
+        if polled is None:
+            return None
+        digest, payload = polled
+        pipe = self.pipes.get(room.name)
+        if digest is None or pipe is None or self._nursery is None:
+            return payload
+        if any(live_elsewhere(pipe.value, pid, self.node) for pid in room.lead_ids()):
+            self._nursery.start_soon(self.publish, encode_health(room.name, self.node, digest))
+        return payload
 
     async def _resync_all(self) -> None:
         """Redis is back: read every room again; put back one Redis lost."""
@@ -535,9 +623,13 @@ class RedisBackend:
                 return
             if rev is not None and text and int(rev) != pipe.rev:
                 try:
-                    pipe.adopt(int(rev), decode_value(text), [], resync=True)
+                    value = decode_value(text)
                 except BadValue as exc:
                     log.error("room %s: %s", pipe.name, exc)
+                    continue
+                # Through the pipe: a change in flight there must not have its
+                # replica swapped under it.
+                pipe.receive(Message(pipe.name, self.node, int(rev), [], value, resync=pipe.rev))
         self.mark_up()
 
     # -- heartbeat: presence, leases, dead nodes, repairs ------------------------------------
@@ -691,6 +783,18 @@ class RedisBackend:
 
         pipe.submit(_Op(apply))
 
+    def share_offset(self, entry: RoomEntry, pid: str) -> None:
+        """A device here reported a new latency offset: into the value, so that
+        every node's lead covers it (only a participant the value names)."""
+
+        def behind(room: Room, value: dict[str, Any] | None) -> bool:
+            p = room.participants.get(pid)
+            if p is None or value is None or pid not in value.get("live", {}):
+                return False
+            return shared_offset(value, pid) != p.latency_offset_ms
+
+        self.pipe(entry).submit(_Op(lambda room, now: [], shares=behind))
+
     async def change(self, entry: RoomEntry, client: Client, op: Op) -> None:
         hub = self.hub
 
@@ -722,6 +826,14 @@ class RedisBackend:
         if pipe.lease is not None and self._nursery is not None:
             token = pipe.lease
             self._nursery.start_soon(self._release, room_name, token)
+
+    async def release_turn(self, pipe: RoomPipe) -> None:
+        """Give the room's turn back (the change that took it needed no commit after all)."""
+        pipe.turn = False
+        try:
+            await self.release_script(keys=[self.keys.turn(pipe.name)], args=[self.node])
+        except REDIS_DOWN as exc:
+            self.mark_down(exc)
 
     async def _release(self, room_name: str, token: str) -> None:
         try:

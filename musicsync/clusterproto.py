@@ -4,15 +4,17 @@ A room shared by several nodes is one Redis hash: ``rev`` (the number of
 commits: it grows by exactly one per commit, whichever node made it) and
 ``value`` (JSON: the room's ``snapshot()`` plus what only a cluster needs: which
 node each seated participant is connected to, when each held seat expires, the
-queue revision and the round trips). Every commit goes through ``COMMIT_LUA``:
-compare ``rev``, store, publish the change, in one script. Timed changes also
-carry the lease token of the room, which the script checks.
+queue revision, the round trips and the device latency offsets). Every commit
+goes through ``COMMIT_LUA``: compare ``rev``, store, publish the change, in one
+script. Timed changes also carry the lease token of the room, which the script
+checks; a node that lost a race has the room's next turn.
 
 Nothing here imports trio or talks to Redis; ``cluster.py`` is the edge.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Container, Iterable, Mapping
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .effects import Disconnect
-from .room import BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .room import LISTENER, BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
+from .seats import PresenceDelta
 
 # -- durations and limits (milliseconds where Redis takes them) -------------------
 
@@ -42,6 +45,19 @@ MAX_COMMIT_ATTEMPTS = 8
 # After a lost compare-and-set the node waits this long for the winner's
 # published change (so that it delivers it) before reading the value itself.
 CATCH_UP_SECONDS = 0.5
+# A node that loses a compare-and-set takes the room's turn (in the same
+# script): until it commits, or this long, other nodes' commits wait for it.
+# Without it, a node with a stream of changes (a crowd joining) won every race
+# against one that had to catch up first, and the other's change was refused.
+# Longer than a catch-up and a retry on a loaded machine; a dead holder's
+# turn lapses after it.
+TURN_TTL_MS = 2_000
+# A change that meets another node's turn waits for that node's commit to
+# arrive, or this long (the turn may have been given back unused), then tries
+# again; at most MAX_TURN_WAITS times (longer than a turn lives) before it is
+# refused.
+TURN_POLL_SECONDS = 0.05
+MAX_TURN_WAITS = 100
 # Reconnecting to Redis: first delay, doubled up to the cap.
 RECONNECT_FIRST_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 5.0
@@ -74,6 +90,9 @@ class Keys:
     def epoch(self, name: str) -> str:
         return f"{self.prefix}:epoch:{name}"
 
+    def turn(self, name: str) -> str:
+        return f"{self.prefix}:turn:{name}"
+
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
 
@@ -84,15 +103,23 @@ class Keys:
 
 # -- the Lua ----------------------------------------------------------------------
 
-# KEYS: room hash, lease. ARGV: expected rev, value JSON, message, lease token
-# ('' for a change that is not timed), TTL ms, channel.
-# Returns {1, rev} committed; {0, rev, value} someone else committed first;
-# {-1, rev} the lease token is not (or no longer) the room's.
+# KEYS: room hash, lease, turn. ARGV: expected rev, value JSON, message, lease
+# token ('' for a change that is not timed), TTL ms, channel, node id, turn TTL ms.
+# Returns {1, rev} committed; {0, rev, value} someone else committed first (the
+# caller now has the room's turn, unless another node has it); {-1, rev} the
+# lease token is not (or no longer) the room's; {-2, rev} another node has the
+# turn: wait for its commit.
 COMMIT_LUA = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+local turn = redis.call('GET', KEYS[3])
+if turn and turn ~= ARGV[7] then
+  return {-2, cur}
+end
 if cur ~= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
   return {0, cur, redis.call('HGET', KEYS[1], 'value') or ''}
 end
+if turn then redis.call('DEL', KEYS[3]) end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then
   return {-1, cur}
 end
@@ -131,7 +158,8 @@ redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
 return token
 """
 
-# KEYS: lease. ARGV: token. Gives the lease up if this node still holds it.
+# KEYS: lease (or turn). ARGV: token (or node id). Gives the lease (or the
+# room's turn) up if this node still holds it.
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -226,6 +254,18 @@ def for_other_nodes(effects: Iterable[Effect], local: Container[str]) -> list[Ef
     ]
 
 
+def addressed_elsewhere(effects: Iterable[Effect], local: Container[str]) -> list[Effect]:
+    """Effects for participants not connected here, of a change that needs no
+    commit (a host's ``resync`` or ``set_latency_offset`` for a device on
+    another node): they cross as a message of effects."""
+    return [
+        e
+        for e in effects
+        if (isinstance(e, Disconnect) or (isinstance(e, Reply) and e.kind != "welcome"))
+        and e.to not in local
+    ]
+
+
 # -- messages ----------------------------------------------------------------------
 
 
@@ -240,6 +280,12 @@ class Message:
     effects: list[Effect]
     value: dict[str, Any] | None = None
     closed: bool = False
+    # A node's digest of the room's device health (health.RoomHealth.poll_cluster).
+    health: dict[str, Any] | None = None
+    # Read from Redis by this node (never published) while it knew revision
+    # ``resync``: taken even if older (Redis lost writes), unless the node
+    # moved on since; everyone here is sent the state.
+    resync: int | None = None
 
 
 def encode_commit(room: str, node: str, rev: int, effects: list[Effect], value_json: str) -> str:
@@ -258,6 +304,13 @@ def encode_effects(room: str, node: str, effects: list[Effect]) -> str:
     )
 
 
+def encode_health(room: str, node: str, digest: Mapping[str, Any]) -> str:
+    return json.dumps(
+        {"room": room, "node": node, "rev": None, "fx": [], "health": digest},
+        separators=(",", ":"),
+    )
+
+
 def encode_closed(room: str, node: str) -> str:
     return json.dumps({"room": room, "node": node, "rev": None, "fx": [], "closed": True})
 
@@ -267,6 +320,7 @@ def decode_message(data: str | bytes) -> Message:
         raw = json.loads(data)
         rev = raw["rev"]
         value = raw.get("value")
+        health = raw.get("health")
         return Message(
             room=str(raw["room"]),
             node=str(raw["node"]),
@@ -274,6 +328,7 @@ def decode_message(data: str | bytes) -> Message:
             effects=effects_from_wire(raw["fx"]),
             value=value if isinstance(value, dict) else None,
             closed=bool(raw.get("closed", False)),
+            health=health if isinstance(health, dict) else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadValue(f"unreadable change message: {exc}") from None
@@ -294,26 +349,39 @@ def capture(
     snap = room.snapshot()
     prev_live: Mapping[str, str] = previous.get("live", {}) if previous else {}
     prev_rtt: Mapping[str, float] = previous.get("rtt", {}) if previous else {}
+    prev_offset: Mapping[str, float] = previous.get("offset", {}) if previous else {}
     mine = set(local)
     seats = snap["seats"]["seats"]
     seat_ids = {seat["id"] for seat in seats}
     seat_hashes = {seat["token_hash"] for seat in seats}
     live: dict[str, str] = {}
     rtt: dict[str, float] = {}
+    offset: dict[str, float] = {}
     for pid, p in room.participants.items():
         if pid not in seat_ids:
             continue
-        live[pid] = node if pid in mine else prev_live.get(pid, node)
-        known = p.rtt_ms if pid in mine else prev_rtt.get(pid, p.rtt_ms)
+        here = pid in mine
+        live[pid] = node if here else prev_live.get(pid, node)
+        known = p.rtt_ms if here else prev_rtt.get(pid, p.rtt_ms)
         if known is not None:
             rtt[pid] = known
+        # The device's node knows its offset (it reports it); others keep the shared one.
+        device = p.latency_offset_ms if here else prev_offset.get(pid, p.latency_offset_ms)
+        if device:
+            offset[pid] = device
     return {
         "snap": snap,
         "live": live,
         "held": {h: res.until for h, res in room.seats.held.items() if h in seat_hashes},
         "queue_rev": room.queue_rev,
         "rtt": rtt,
+        "offset": offset,
     }
+
+
+def shared_offset(value: Mapping[str, Any] | None, pid: str) -> float:
+    """``pid``'s device latency offset as the value shares it (0 if none)."""
+    return float(value.get("offset", {}).get(pid, 0.0)) if value else 0.0
 
 
 def encode_value(value: Mapping[str, Any]) -> str:
@@ -330,6 +398,12 @@ def decode_value(text: str | bytes) -> dict[str, Any]:
     return value
 
 
+def copy_news(delta: PresenceDelta) -> PresenceDelta:
+    """The presence news not yet flushed, as they are now (a change that is
+    then not committed must not leave its own news behind)."""
+    return PresenceDelta(dict(delta.joined), list(delta.left), dict(delta.changed), delta.due_at)
+
+
 def replica(
     name: str,
     value: Mapping[str, Any],
@@ -338,6 +412,7 @@ def replica(
     rng: random.Random | None = None,
     carry: Room | None = None,
     local: Iterable[str] = (),
+    news: PresenceDelta | None = None,
 ) -> Room:
     """This node's copy of a shared room, from its value.
 
@@ -346,15 +421,18 @@ def replica(
     deadlines the value gives them, and the queue revision is the shared one.
     From ``carry`` (the replica this one replaces) come what only this node
     knows: its connected participants that the value leaves out (a crowd's
-    listeners), their round trips, the room's change budget and the presence
-    news not yet flushed.
-
+    listeners, seated as listeners: hosts and co-hosts are always in the
+    value), their round trips, the room's change budget and the presence news
+    not yet flushed: ``carry``'s own, or ``news`` (those from before a change
+    that was not committed). Those news name this copy's participants, so a
+    role the value gives is the one announced.
     """
     try:
         room = Room.restore(name, dict(value["snap"]), now, resume_grace_ms, rng=rng)
         live: Mapping[str, str] = value.get("live", {})
         held: Mapping[str, float] = value.get("held", {})
         rtts: Mapping[str, float] = value.get("rtt", {})
+        offsets: Mapping[str, float] = value.get("offset", {})
         queue_rev = int(value.get("queue_rev", 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadValue(f"room {name!r}: unreadable value: {exc}") from None
@@ -363,9 +441,15 @@ def replica(
         if reservation.participant.id in live:
             seats.seat_held(token_hash)
     seats.set_deadlines(held)
-    for pid, rtt in rtts.items():
-        if pid in room.participants:
-            room.note_rtt(pid, float(rtt))
+    try:
+        for pid, rtt in rtts.items():
+            if pid in room.participants:
+                room.note_rtt(pid, float(rtt))
+        for pid, device in offsets.items():
+            if pid in room.participants:
+                room.note_latency_offset(pid, float(device))
+    except (TypeError, ValueError) as exc:
+        raise BadValue(f"room {name!r}: unreadable value: {exc}") from None
     room.playqueue.adopt_rev(queue_rev)
     if carry is not None:
         room.carry_over(carry)
@@ -376,9 +460,20 @@ def replica(
             if pid not in room.participants and (
                 mine.token_hash is None or mine.token_hash not in seats.held
             ):
+                if mine.role != LISTENER:  # a role from a change that was not committed
+                    mine = dataclasses.replace(mine, role=LISTENER)
                 seats.seat_only_here(mine)
-            elif pid in room.participants and mine.rtt_ms is not None:
-                room.note_rtt(pid, mine.rtt_ms)
+            elif pid in room.participants:  # what its own reports said last, here
+                if mine.rtt_ms is not None:
+                    room.note_rtt(pid, mine.rtt_ms)
+                room.note_latency_offset(pid, mine.latency_offset_ms)
+    if news is not None:
+        seats.presence = news
+    joined = seats.presence.joined
+    for pid in joined:
+        now_seated = seats.participants.get(pid)
+        if now_seated is not None:
+            joined[pid] = now_seated
     return room
 
 

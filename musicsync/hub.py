@@ -123,6 +123,14 @@ class RoomBackend(Protocol):
 
     def leave(self, entry: RoomEntry, pid: str) -> None: ...
 
+    def share_offset(self, entry: RoomEntry, pid: str) -> None:
+        """``pid``, connected here, reported a new device latency offset."""
+        ...
+
+    def health(self, entry: RoomEntry, now_ms: float) -> dict[str, Any] | None:
+        """The room's ``health`` payload if one is due, with other nodes' devices."""
+        ...
+
     async def change(self, entry: RoomEntry, client: Client, op: RoomOp) -> None: ...
 
     def tick(self, entry: RoomEntry, now: float) -> float:
@@ -651,15 +659,22 @@ class Hub:
         if entry is None or participant is None:
             return
         if report.latency_offset_ms is not None:
+            before = participant.latency_offset_ms
             entry.room.note_latency_offset(client.id, report.latency_offset_ms)
+            if self.backend is not None and participant.latency_offset_ms != before:
+                self.backend.share_offset(entry, client.id)  # every node's lead covers it
         now = self.clock.now_ms()
         entry.health.report(Device.from_report(client.id, participant.name, report, now))
         self._send_health(entry, now)
         entry.wake()  # the timer sends the frame a report made due later
 
     def _send_health(self, entry: RoomEntry, now_ms: float) -> None:
-        """The health frame, if due: encoded once, to the room's hosts and co-hosts only."""
-        payload = entry.health.poll(now_ms, len(entry.room.participants))
+        """The health frame, if due: encoded once, to the room's hosts and co-hosts only
+        (with a backend: merged with other nodes' devices)."""
+        if self.backend is not None:
+            payload = self.backend.health(entry, now_ms)
+        else:
+            payload = entry.health.poll(now_ms, len(entry.room.participants))
         if payload is None:
             return
         frame = Frame(encode("health", **payload))

@@ -14,6 +14,7 @@ from musicsync.clusterproto import (
     BadValue,
     Keys,
     capture,
+    copy_news,
     decode_message,
     decode_value,
     effects_from_wire,
@@ -29,10 +30,11 @@ from musicsync.clusterproto import (
     nodes_in,
     order,
     replica,
+    shared_offset,
 )
 from musicsync.config import ConfigError, parse_redis_url, redis_url_for_humans, resolve_settings
 from musicsync.effects import Disconnect
-from musicsync.protocol import QueueAdd, SetTrack, Volume
+from musicsync.protocol import QueueAdd, SetTrack, TransferHost, Volume
 from musicsync.room import (
     PARTICIPANT_LIST_MAX,
     BroadcastPresence,
@@ -230,3 +232,55 @@ def test_a_replica_keeps_this_nodes_crowd_listeners() -> None:
 def test_a_value_that_cannot_be_read_is_refused() -> None:
     with pytest.raises(BadValue):
         replica("main", {"snap": {"state": {}}}, T0, GRACE)
+
+
+def test_a_change_not_committed_leaves_no_news_and_no_role_behind() -> None:
+    room = Room("main", resume_grace_ms=GRACE)
+    room.join("h", "Host", T0, token="th")
+    for i in range(PARTICIPANT_LIST_MAX + 5):
+        room.join(f"l{i}", f"L{i}", T0, token=f"t{i}")
+    room.poll(T0 + 10_000)  # the news so far are out
+    value = capture(room, "A", None, room.participants)
+    local = list(room.participants)
+    before = copy_news(room.seats.presence)
+    # A change applied to the replica, then refused by Redis: a join and a
+    # host transfer to a crowd listener (who is in no value: only here).
+    room.join("late", "Late", T0 + 10_001, token="tlate")
+    room.handle("h", TransferHost(to="l3"), T0 + 10_001)
+    assert room.participants["l3"].role == "host" and "late" in room.seats.presence.joined
+    copy = replica("main", value, T0 + 10_002, GRACE, carry=room, local=local, news=before)
+    assert copy.participants["l3"].role == "listener"
+    assert copy.host_id == "h"
+    assert "late" not in copy.participants
+    assert copy.poll(T0 + 20_000) == []  # nothing to announce: no join, no role change
+
+
+def test_carried_news_name_the_role_the_value_gives() -> None:
+    room = Room("main", resume_grace_ms=GRACE)
+    room.join("h", "Host", T0, token="th")
+    room.join("c", "Co", T0, token="tc", role="cohost")  # its news are not out yet
+    value = capture(room, "A", None, ["h", "c"])
+    value["snap"]["seats"]["seats"][-1]["role"] = "listener"  # another node demoted it since
+    copy = replica("main", value, T0 + 1, GRACE, carry=room, local=["h", "c"])
+    (delta,) = (e for e in copy.poll(T0 + 10_000) if isinstance(e, BroadcastPresence))
+    assert {p["id"]: p["role"] for p in delta.delta["joined"]} == {"h": "host", "c": "listener"}
+
+
+def test_device_offsets_are_shared_and_every_replica_leads_by_the_largest() -> None:
+    room = busy_room()
+    room.note_latency_offset("l", 300.0)  # a Bluetooth speaker, connected to node A
+    value = capture(room, "A", None, ["h", "c", "l"])
+    assert value["offset"] == {"l": 300.0}
+    assert shared_offset(value, "l") == 300.0 and shared_offset(value, "h") == 0.0
+    on_b = replica("main", json.loads(encode_value(value)), T0 + 5_000, GRACE)
+    assert on_b.participants["l"].latency_offset_ms == 300.0
+    assert on_b.lead_ms() == room.lead_ms()
+    # Node B commits something: it keeps what A (the device's node) said...
+    on_b.note_latency_offset("l", 0.0)  # a host's set_latency_offset, not yet reported
+    again = capture(on_b, "B", value, [])
+    assert again["offset"] == {"l": 300.0}
+    # ...and A's replica keeps its own device's newest report over the value.
+    room.note_latency_offset("l", 450.0)
+    mine = replica("main", again, T0 + 6_000, GRACE, carry=room, local=["h", "c", "l"])
+    assert mine.participants["l"].latency_offset_ms == 450.0
+    assert capture(mine, "A", again, ["h", "c", "l"])["offset"] == {"l": 450.0}

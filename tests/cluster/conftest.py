@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +204,21 @@ async def connect(
         peer = Peer(conn)
         peer.welcome = await peer.expect("welcome")
         yield peer
+
+
+class Bell:
+    """Something changed: wakes whoever waits for a condition on shared test state."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self._event = trio.Event()
+            await self._event.wait()
 
 
 def state_of(msg: dict[str, Any]) -> dict[str, Any]:

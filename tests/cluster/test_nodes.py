@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import trio
@@ -120,3 +121,15 @@ async def test_a_kick_on_one_node_closes_the_guest_on_another_and_bans_it_everyw
                 with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
                     await again.get_message()
                 assert info.value.reason.code == 4403
+
+
+async def test_two_nodes_on_one_machine_may_share_the_data_directory(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared-data"  # with --redis it holds nothing of theirs: no lock
+    a = await cluster.start_node("--data", str(shared))
+    b = await cluster.start_node("--data", str(shared))
+    async with connect(a, name="host") as host, connect(b, name="lis") as lis:
+        await host.send("volume", volume=0.3)
+        assert (await lis.expect_state(volume=0.3))["volume"] == 0.3
+    assert not (shared / "rooms.sqlite3").exists()

@@ -16,13 +16,12 @@ KEYS = Keys("t")
 async def test_commit_compares_the_revision_and_publishes(redis_server: RedisServer) -> None:
     async with open_client(redis_server.url) as r:
         commit = r.register_script(COMMIT_LUA)
-        keys = [KEYS.room("a"), KEYS.lease("a")]
+        keys = [KEYS.room("a"), KEYS.lease("a"), KEYS.turn("a")]
         async with r.pubsub(channels=[KEYS.channel], ignore_subscribe_messages=True) as sub:
 
             async def go(expected: int, value: str, token: str = "") -> Any:
-                return await commit(
-                    keys=keys, args=[expected, value, f"m{value}", token, 60_000, KEYS.channel]
-                )
+                args = [expected, value, f"m{value}", token, 60_000, KEYS.channel, "n1", 60_000]
+                return await commit(keys=keys, args=args)
 
             assert await go(0, "v1") == [1, 1]
             assert await go(1, "v2") == [1, 2]
@@ -67,3 +66,26 @@ async def test_reseed_puts_back_a_lost_room_once(redis_server: RedisServer) -> N
         key = [KEYS.room("c")]
         assert await reseed(keys=key, args=[41, "mine", 60_000]) == [1, 41]
         assert await reseed(keys=key, args=[40, "theirs", 60_000]) == [0, 41, "mine"]
+
+
+async def test_the_loser_of_a_race_has_the_next_turn(redis_server: RedisServer) -> None:
+    async with open_client(redis_server.url) as r:
+        commit = r.register_script(COMMIT_LUA)
+        keys = [KEYS.room("t"), KEYS.lease("t"), KEYS.turn("t")]
+
+        async def go(node: str, expected: int, value: str) -> Any:
+            args = [expected, value, "m", "", 60_000, KEYS.channel, node, 60_000]
+            return await commit(keys=keys, args=args)
+
+        assert await go("fast", 0, "f1") == [1, 1]
+        assert await go("slow", 0, "s1") == [0, 1, "f1"]  # lost: slow has the turn now
+        assert await go("fast", 1, "f2") == [-2, 1]  # fast waits for slow's commit
+        assert await go("fast", 1, "f2") == [-2, 1]
+        assert await go("slow", 1, "s1") == [1, 2]  # slow's retry cannot be overtaken
+        assert await go("fast", 1, "f2") == [0, 2, "s1"]  # now fast lost: its turn
+        assert await r.get(KEYS.turn("t")) == "fast"
+        assert 0 < await r.pttl(KEYS.turn("t")) <= 60_000
+        release = r.register_script(RELEASE_LUA)
+        assert await release(keys=[KEYS.turn("t")], args=["slow"]) == 0  # not slow's
+        assert await release(keys=[KEYS.turn("t")], args=["fast"]) == 1
+        assert await go("slow", 2, "s2") == [1, 3]
