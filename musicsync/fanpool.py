@@ -3,11 +3,13 @@
 ``socket.send`` releases the GIL, and on a busy server most of a broadcast's
 time is that system call (on loopback the kernel also does the receiver's
 work in it). ``SenderPool.send`` has its persistent threads and the calling
-thread take blocks of the socket list from one shared counter until none is
-left, then returns, after every thread is done, the sockets that did not take
-the whole frame. The caller (the event loop) is blocked meanwhile, so no other
-code writes to those sockets while the pool does: whatever is left over is
-handed to each client's writer after ``send`` has returned.
+thread take blocks of the list of clients from one shared counter until none
+is left; for each client a thread asks ``direct`` for the socket's ``send``
+(None: this one cannot be written to now) and calls it. After every thread is
+done it returns the clients that did not take the whole frame. The caller
+(the event loop) is blocked meanwhile, so no other code looks at those
+clients or writes to their sockets while the pool does: whatever is left over
+is handed to each client's writer after ``send`` has returned.
 
 No trio here: the pool is plain threads and locks, tested without an event loop.
 """
@@ -18,6 +20,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 # Sender threads besides the caller: one per further core, at most this many
 # (the caller needs the GIL between sends, so more threads than cores only wait).
@@ -32,10 +35,12 @@ PARALLEL_MIN_SOCKETS = 512
 # Stopping: how long ``close`` waits for each thread to finish its share.
 JOIN_TIMEOUT_S = 5.0
 
+T = TypeVar("T")
 Send = Callable[[bytes], int]
-# What a send did: the bytes it took (fewer than the frame's), or its error
-# (BlockingIOError: the kernel buffer is full, nothing was taken).
-Outcome = int | OSError
+# What happened to a client that did not take the whole frame: the bytes its
+# socket took, the send's error (BlockingIOError: the kernel buffer is full,
+# nothing was taken), or None: ``direct`` gave no send, nothing was tried.
+Outcome = int | OSError | None
 Misses = list[tuple[int, Outcome]]
 
 
@@ -51,20 +56,29 @@ class SenderDied(Exception):
     """
 
 
-def send_share(data: bytes, sends: Sequence[Send], blocks: itertools.count[int]) -> Misses:
-    """Call ``sends[i](data)`` for each i of the blocks taken from ``blocks``;
-    return (i, outcome) for every send that did not take all of ``data``."""
+def send_share(
+    data: bytes,
+    items: Sequence[T],
+    direct: Callable[[T], Send | None],
+    blocks: itertools.count[int],
+) -> Misses:
+    """``direct(items[i])(data)`` for each i of the blocks taken from ``blocks``;
+    (i, outcome) for every item that did not take all of ``data``."""
     misses: Misses = []
     size = len(data)
-    count = len(sends)
+    count = len(items)
     take = blocks.__next__  # atomic under the GIL: each block goes to one thread
     while True:
         start = take() * BLOCK
         if start >= count:
             return misses
         for i in range(start, min(start + BLOCK, count)):
+            send = direct(items[i])
+            if send is None:
+                misses.append((i, None))
+                continue
             try:
-                n = sends[i](data)
+                n = send(data)
             except OSError as exc:
                 misses.append((i, exc))
                 continue
@@ -72,12 +86,19 @@ def send_share(data: bytes, sends: Sequence[Send], blocks: itertools.count[int])
                 misses.append((i, n))
 
 
-class _Job:
-    __slots__ = ("blocks", "data", "misses", "sends")
+class _Job(Generic[T]):
+    __slots__ = ("blocks", "data", "direct", "items", "misses")
 
-    def __init__(self, data: bytes, sends: Sequence[Send], blocks: itertools.count[int]) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        items: Sequence[T],
+        direct: Callable[[T], Send | None],
+        blocks: itertools.count[int],
+    ) -> None:
         self.data = data
-        self.sends = sends
+        self.items = items
+        self.direct = direct
         self.blocks = blocks
         self.misses: Misses | None = None
 
@@ -93,7 +114,7 @@ class SenderPool:
         self.min_sockets = min_sockets
         self._go = [threading.Lock() for _ in range(threads)]
         self._done = [threading.Lock() for _ in range(threads)]
-        self._jobs: list[_Job | None] = [None] * threads
+        self._jobs: list[_Job[Any] | None] = [None] * threads
         self._threads: list[threading.Thread] = []
         # For tests and metrics: broadcasts the threads shared, and the sockets
         # in them that did not take the whole frame.
@@ -121,26 +142,27 @@ class SenderPool:
                 done.release()
                 return
             try:
-                job.misses = send_share(job.data, job.sends, job.blocks)
+                job.misses = send_share(job.data, job.items, job.direct, job.blocks)
             finally:
                 done.release()  # even if the share raised: the caller must not hang
 
-    def send(self, data: bytes, sends: Sequence[Send]) -> Misses:
-        """Write ``data`` with every one of ``sends``; the misses, in no order.
+    def send(self, data: bytes, items: Sequence[T], direct: Callable[[T], Send | None]) -> Misses:
+        """Write ``data`` to each item through ``direct(item)``; the misses
+        (item index, outcome), in no order.
 
         Small lists (under ``min_sockets``) are written by the caller alone.
         """
         blocks = itertools.count()
-        if len(sends) < self.min_sockets or not self._threads:
-            return send_share(data, sends, blocks)
+        if len(items) < self.min_sockets or not self._threads:
+            return send_share(data, items, direct, blocks)
         # Only as many helpers as there are blocks beyond the caller's first.
-        helpers = min(len(self._threads), (len(sends) - 1) // BLOCK)
-        jobs = [_Job(data, sends, blocks) for _ in range(helpers)]
+        helpers = min(len(self._threads), (len(items) - 1) // BLOCK)
+        jobs: list[_Job[T]] = [_Job(data, items, direct, blocks) for _ in range(helpers)]
         for i, job in enumerate(jobs):
             self._jobs[i] = job
             self._go[i].release()
         try:
-            misses = send_share(data, sends, blocks)
+            misses = send_share(data, items, direct, blocks)
         finally:
             for i in range(helpers):
                 self._done[i].acquire()  # every helper is done with the sockets

@@ -671,32 +671,23 @@ class Hub:
         that took only part of the frame wakes its writer for the tail, one
         that took nothing gets the frame queued, as in ``send_now``.
         """
-        deliver = Client.deliver_state if state else Client.deliver
         pool = self.senders
         if len(clients) < pool.min_sockets or not pool.threads:
+            deliver = Client.deliver_state if state else Client.deliver
             return sum([deliver(client, frame) for client in clients])
-        takers: list[Client] = []
-        sends: list[Callable[[bytes], int]] = []
-        direct = 0
-        for client in clients:
-            send = client.direct_send()
-            if send is None:
-                direct += deliver(client, frame)
-            else:
-                takers.append(client)
-                sends.append(send)
+        takers = clients if isinstance(clients, list) else list(clients)
         data = frame.wire
         try:
-            misses = pool.send(data, sends)
+            misses = pool.send(data, takers, Client.direct_send)
         except SenderDied:
-            log.exception("a sender thread failed; its clients are asked to reconnect")
+            log.exception("a sender thread failed; the broadcast's clients are asked to reconnect")
             for client in takers:  # which of them got the frame is unknown
                 client.fail(CLOSE_INTERNAL, "internal error")
-            return direct
+            return 0
         queued: set[int] = set()
         for i, outcome in misses:
             client = takers[i]
-            if not client.settle_direct(data, outcome):
+            if outcome is None or not client.settle_direct(data, outcome):
                 queued.add(i)
                 if state:
                     client.enqueue_state(frame)
@@ -706,7 +697,7 @@ class Hub:
             for i, client in enumerate(takers):
                 if i not in queued:
                     client.saw(frame)
-        return direct + len(takers) - len(queued)
+        return len(takers) - len(queued)
 
     def encode_pong(self, pong: PendingPong) -> Frame:
         return Frame(encode("pong", t0=pong.t0, t1=pong.t1, t2=self.clock.now_ms()))

@@ -28,6 +28,14 @@ def pool() -> Iterator[SenderPool]:
     senders.close()
 
 
+def own_send(sock: socket.socket) -> Callable[[bytes], int]:
+    return sock.send
+
+
+def same(send: Callable[[bytes], int]) -> Callable[[bytes], int]:
+    return send
+
+
 def socket_pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
     pairs = [socket.socketpair() for _ in range(n)]
     for ours, _ in pairs:
@@ -44,7 +52,7 @@ def close_all(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
 def test_every_socket_gets_the_frame_once(pool: SenderPool) -> None:
     pairs = socket_pairs(10 * BLOCK + 3)  # blocks for every thread, and a short last one
     try:
-        assert pool.send(FRAME, [ours.send for ours, _ in pairs]) == []
+        assert pool.send(FRAME, [ours for ours, _ in pairs], own_send) == []
         for _, theirs in pairs:
             theirs.setblocking(False)
             assert theirs.recv(100) == FRAME  # exactly once: nothing more waits
@@ -72,7 +80,7 @@ def test_the_threads_share_the_sends(pool: SenderPool) -> None:
         return call
 
     try:
-        assert pool.send(FRAME, [watched(ours.send) for ours, _ in pairs]) == []
+        assert pool.send(FRAME, [watched(ours.send) for ours, _ in pairs], same) == []
         assert threading.main_thread().name in senders
         assert senders & {"musicsync-sender-0", "musicsync-sender-1"}
     finally:
@@ -91,7 +99,7 @@ def test_full_partial_and_broken_sockets_are_reported(pool: SenderPool) -> None:
             full.send(big)
     pairs[2 * BLOCK + 1][1].close()
     try:
-        misses = dict(pool.send(big, [ours.send for ours, _ in pairs]))
+        misses = dict(pool.send(big, [ours for ours, _ in pairs], own_send))
         assert set(misses) == {5, BLOCK + 7, 2 * BLOCK + 1}
         assert isinstance(misses[5], BlockingIOError)
         taken = misses[BLOCK + 7]
@@ -101,11 +109,32 @@ def test_full_partial_and_broken_sockets_are_reported(pool: SenderPool) -> None:
         close_all(pairs)
 
 
+def test_items_without_a_direct_send_are_reported_untried(pool: SenderPool) -> None:
+    pairs = socket_pairs(3 * BLOCK)
+    skipped = {0, BLOCK, 3 * BLOCK - 1}
+    items = list(enumerate(ours for ours, _ in pairs))
+
+    def direct(item: tuple[int, socket.socket]) -> Callable[[bytes], int] | None:
+        return None if item[0] in skipped else item[1].send
+
+    try:
+        assert sorted(pool.send(FRAME, items, direct)) == sorted((i, None) for i in skipped)
+        for i, (_, theirs) in enumerate(pairs):
+            theirs.setblocking(False)
+            if i in skipped:
+                with pytest.raises(BlockingIOError):
+                    theirs.recv(100)
+            else:
+                assert theirs.recv(100) == FRAME
+    finally:
+        close_all(pairs)
+
+
 def test_small_lists_are_sent_by_the_caller_alone() -> None:
     senders = SenderPool(1, min_sockets=100)
     pairs = socket_pairs(99)
     try:
-        assert senders.send(FRAME, [ours.send for ours, _ in pairs]) == []
+        assert senders.send(FRAME, [ours for ours, _ in pairs], own_send) == []
         assert senders.parallel_sends == 0
     finally:
         senders.close()
@@ -130,9 +159,9 @@ def test_a_sender_thread_that_dies_is_reported_once_then_the_caller_sends_alone(
 
     try:
         with pytest.raises(SenderDied):
-            senders.send(FRAME, [failing_in_helpers(ours.send) for ours, _ in pairs])
+            senders.send(FRAME, [failing_in_helpers(ours.send) for ours, _ in pairs], same)
         assert senders.threads == 0
-        assert senders.send(FRAME, [ours.send for ours, _ in pairs]) == []  # the caller alone
+        assert senders.send(FRAME, [ours for ours, _ in pairs], own_send) == []  # the caller alone
     finally:
         senders.close()
         close_all(pairs)
@@ -147,7 +176,7 @@ def test_close_stops_the_threads_and_sends_go_on() -> None:
     assert senders.threads == 0
     pairs = socket_pairs(3)
     try:
-        assert senders.send(FRAME, [ours.send for ours, _ in pairs]) == []
+        assert senders.send(FRAME, [ours for ours, _ in pairs], own_send) == []
     finally:
         close_all(pairs)
 
@@ -179,8 +208,13 @@ async def test_a_pooled_broadcast_wakes_no_task_per_listener(tmp_path: Path) -> 
         assert hub.senders.parallel_sends == pooled + 1
         assert hub.stats.messages_out - sent == 21
         assert trio.lowlevel.current_statistics().tasks_runnable - before == 0
+        entry.clients[peers[0].id].sink = None  # as if its socket were full
+        change(0.25)
+        assert hub.senders.parallel_sends == pooled + 2
+        assert trio.lowlevel.current_statistics().tasks_runnable - before == 1  # its writer only
         for peer in (host, *peers):
             assert (await peer.expect_state(version=1))["volume"] == 0.5
+            assert (await peer.expect_state(version=2))["volume"] == 0.25
 
 
 async def test_a_stalled_listener_in_a_pooled_room_is_queued_then_dropped(tmp_path: Path) -> None:
