@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musicsync.fanpool import SenderPool, default_threads
+from musicsync.fanpool import SWITCH_INTERVAL_S, SenderPool, default_threads
 from musicsync.wsframes import text_frame
 
 HOST = "127.0.0.1"
@@ -73,7 +73,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def measure(n: int, trials: int, threads: int) -> dict[str, Any]:
+def measure(n: int, trials: int, threads: int, intervals: list[float | None]) -> dict[str, Any]:
     listener = socket.socket()
     listener.bind((HOST, 0))
     listener.listen(BACKLOG)
@@ -94,24 +94,28 @@ def measure(n: int, trials: int, threads: int) -> dict[str, Any]:
             ours.append(sock)
         os.read(r, 1)
         data = text_frame("x" * FRAME_TEXT_BYTES)
-        plain, pool = SenderPool(0), SenderPool(threads, min_sockets=1)
-        wall: dict[str, list[float]] = {"plain": [], "pool": []}
-        cpu: dict[str, list[float]] = {"plain": [], "pool": []}
-        ratios = []
+        pools = {"plain": SenderPool(0)}
+        for interval in intervals:
+            pools[pool_name(interval)] = SenderPool(threads, 1, interval)
+        wall: dict[str, list[float]] = {name: [] for name in pools}
+        cpu: dict[str, list[float]] = {name: [] for name in pools}
+        ratios: dict[str, list[float]] = {name: [] for name in pools if name != "plain"}
         misses = 0
         for _ in range(trials):
-            halves = [("plain", plain), ("pool", pool)]
-            random.shuffle(halves)
+            order = list(pools.items())
+            random.shuffle(order)
             got = {}
-            for name, senders in halves:
+            for name, senders in order:
                 time.sleep(PAUSE_S)
                 c0, t0 = time.process_time(), time.perf_counter()
                 misses += len(senders.send(data, ours, own_send))
                 got[name] = time.perf_counter() - t0
                 cpu[name].append(time.process_time() - c0)
                 wall[name].append(got[name])
-            ratios.append(got["pool"] / got["plain"])
-        pool.close()
+            for name in ratios:
+                ratios[name].append(got[name] / got["plain"])
+        for senders in pools.values():
+            senders.close()
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -120,7 +124,7 @@ def measure(n: int, trials: int, threads: int) -> dict[str, Any]:
         listener.close()
         os.close(r)
     row: dict[str, Any] = {"n": n, "trials": trials, "threads": threads, "misses": misses}
-    for name in ("plain", "pool"):
+    for name in wall:
         ms = [x * 1e3 for x in wall[name]]
         row[name] = {
             "median_ms": round(statistics.median(ms), 2),
@@ -128,9 +132,18 @@ def measure(n: int, trials: int, threads: int) -> dict[str, Any]:
             "p90_ms": round(percentile(ms, 90), 2),
             "cpu_us_per_send": round(statistics.median(cpu[name]) * 1e6 / n, 2),
         }
-    row["ratio_median"] = round(statistics.median(ratios), 3)
-    row["ratio_p10_p90"] = [round(percentile(ratios, 10), 3), round(percentile(ratios, 90), 3)]
+        if name in ratios:
+            row[name]["ratio_median"] = round(statistics.median(ratios[name]), 3)
+            row[name]["ratio_p10_p90"] = [
+                round(percentile(ratios[name], 10), 3),
+                round(percentile(ratios[name], 90), 3),
+            ]
     return row
+
+
+def pool_name(interval: float | None) -> str:
+    """'pool' (the GIL switch interval left alone) or e.g. 'pool@100us'."""
+    return "pool" if interval is None else f"pool@{interval * 1e6:g}us"
 
 
 def main() -> int:
@@ -140,25 +153,34 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=max(1, default_threads()), help="sender threads"
     )
+    parser.add_argument(
+        "--switch-intervals",
+        default="none" if SWITCH_INTERVAL_S is None else str(SWITCH_INTERVAL_S),
+        help="pools to compare, by the GIL switch interval they set while sharing a broadcast:"
+        " seconds, or 'none' (left alone); default: the pool's own setting. E.g. none,0.0001",
+    )
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     load_start = os.getloadavg()
-    rows = [measure(int(n), args.trials, args.threads) for n in args.sizes.split(",")]
+    intervals: list[float | None] = [
+        None if x == "none" else float(x) for x in args.switch_intervals.split(",")
+    ]
+    rows = [measure(int(n), args.trials, args.threads, intervals) for n in args.sizes.split(",")]
     size = len(text_frame("x" * FRAME_TEXT_BYTES))
     print(f"\nOne {size}-byte frame to N loopback sockets; {args.threads} sender thread(s)")
-    print(
-        f"{'N':>6} {'plain ms':>9} {'pool ms':>8} {'pool/plain':>10} {'p10-p90':>13} "
-        f"{'cpu us/send plain':>17} {'pool':>6}"
-    )
+    print(f"{'N':>6} {'senders':>14} {'ms':>7} {'x plain':>7} {'p10-p90':>11} {'cpu us/send':>11}")
     for row in rows:
-        lo, hi = row["ratio_p10_p90"]
-        print(
-            f"{row['n']:>6} {row['plain']['median_ms']:>9.1f} {row['pool']['median_ms']:>8.1f} "
-            f"{row['ratio_median']:>10.2f} {f'{lo:.2f}-{hi:.2f}':>13} "
-            f"{row['plain']['cpu_us_per_send']:>17.2f} {row['pool']['cpu_us_per_send']:>6.2f}"
-        )
+        for name in ["plain", *(pool_name(x) for x in intervals)]:
+            fig = row[name]
+            ratio = fig.get("ratio_median")
+            spread = "-" if ratio is None else "{:.2f}-{:.2f}".format(*fig["ratio_p10_p90"])
+            print(
+                f"{row['n']:>6} {name:>14} {fig['median_ms']:>7.1f} "
+                f"{'-' if ratio is None else f'{ratio:.2f}':>7} {spread:>11} "
+                f"{fig['cpu_us_per_send']:>11.2f}"
+            )
     load_end = os.getloadavg()
     print(f"load average {load_end[0]:.2f} (start {load_start[0]:.2f}); ms = median wall time")
     summary = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -32,6 +33,10 @@ BLOCK = 64
 # Broadcasts to fewer sockets than this use the caller's plain loop: waking a
 # thread costs tens of microseconds, a send about ten.
 PARALLEL_MIN_SOCKETS = 512
+# While the threads share a broadcast, the GIL is handed over this often at
+# the latest (CPython's default, 5 ms, is a tenth of a whole broadcast);
+# None: leave it alone.
+SWITCH_INTERVAL_S: float | None = None
 # Stopping: how long ``close`` waits for each thread to finish its share.
 JOIN_TIMEOUT_S = 5.0
 
@@ -110,8 +115,14 @@ class SenderPool:
     once; sockets must be non-blocking. After ``close`` the caller sends alone.
     """
 
-    def __init__(self, threads: int, min_sockets: int = PARALLEL_MIN_SOCKETS) -> None:
+    def __init__(
+        self,
+        threads: int,
+        min_sockets: int = PARALLEL_MIN_SOCKETS,
+        switch_interval: float | None = SWITCH_INTERVAL_S,
+    ) -> None:
         self.min_sockets = min_sockets
+        self.switch_interval = switch_interval
         self._go = [threading.Lock() for _ in range(threads)]
         self._done = [threading.Lock() for _ in range(threads)]
         self._jobs: list[_Job[Any] | None] = [None] * threads
@@ -158,6 +169,9 @@ class SenderPool:
         # Only as many helpers as there are blocks beyond the caller's first.
         helpers = min(len(self._threads), (len(items) - 1) // BLOCK)
         jobs: list[_Job[T]] = [_Job(data, items, direct, blocks) for _ in range(helpers)]
+        interval = sys.getswitchinterval()
+        if self.switch_interval is not None:
+            sys.setswitchinterval(self.switch_interval)
         for i, job in enumerate(jobs):
             self._jobs[i] = job
             self._go[i].release()
@@ -167,6 +181,7 @@ class SenderPool:
             for i in range(helpers):
                 self._done[i].acquire()  # every helper is done with the sockets
                 self._jobs[i] = None
+            sys.setswitchinterval(interval)
         self.parallel_sends += 1
         for job in jobs:
             if job.misses is None:  # its thread raised (and ended): stop relying on any
