@@ -31,8 +31,9 @@ MAX_SENDER_THREADS = 3
 # a thread starting late (or sharing its core) leaves the rest to the others.
 BLOCK = 64
 # Broadcasts to fewer sockets than this use the caller's plain loop: waking a
-# thread costs tens of microseconds, a send about ten.
-PARALLEL_MIN_SOCKETS = 512
+# thread and handing the GIL back and forth costs about what it saves at ~500
+# sockets (bench_senders.py: pool / plain 1.7 at 256, 1.0 at 512, 0.9 at 1000).
+PARALLEL_MIN_SOCKETS = 1000
 # While the threads share a broadcast, the GIL is handed over this often at
 # the latest (CPython's default, 5 ms, is a tenth of a whole broadcast);
 # None: leave it alone.
