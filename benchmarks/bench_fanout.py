@@ -109,6 +109,37 @@ def median(values: list[Any]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far, every core (/proc/stat:
+    all but idle and iowait; steal counts as busy: a vCPU we did not get)."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    ticks = [int(x) for x in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def threads_cpu_s(pid: int) -> tuple[float, float, int]:
+    """(CPU seconds of the main thread, of all other threads, involuntary
+    context switches of all threads) of process ``pid``."""
+    main = others = 0.0
+    preempted = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+                if int(tid) == pid:
+                    main += cpu
+                else:
+                    others += cpu
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+                m = re.search(r"nonvoluntary_ctxt_switches:\s*(\d+)", status)
+                preempted += int(m.group(1)) if m else 0
+    return main, others, preempted
+
+
 def raise_fd_limit() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -312,11 +343,16 @@ def measure_changes(
     count = len(msgs)
     load.all([{"cmd": "arm", "v0": v0, "count": count}] * len(load.procs))
     cpu0, load0 = server.cpu_s(), load.cpu_s()
+    threads0, busy0, wall0 = threads_cpu_s(server.pid), machine_busy_s(), clock()
     sends = load.call(0, {"cmd": "changes", "msgs": msgs, "interval": interval})["sends"]
     waits = load.all(
         [{"cmd": "wait", "version": v0 + count, "timeout": DRAIN_TIMEOUT_S}] * len(load.procs)
     )
     cpu, load_cpu = server.cpu_s() - cpu0, load.cpu_s() - load0
+    threads1, busy, wall = threads_cpu_s(server.pid), machine_busy_s() - busy0, clock() - wall0
+    # What the rest of the machine (other users' work, the driver, steal) took
+    # of its capacity meanwhile: the noise this run was measured in.
+    others_share = max(0.0, busy - cpu - load_cpu) / (wall * (os.cpu_count() or 1))
     reps = load.all([{"cmd": "report", "sends": sends}] * len(load.procs))
     delays = [d for r in reps for d in r["delays"]]
     frames = sum(r["state_frames"] for r in reps)
@@ -343,6 +379,10 @@ def measure_changes(
         "state_frames": frames,
         "server_cpu_s": rnd(cpu, 3),
         "server_cpu_us_per_frame": rnd(cpu * 1e6 / frames, 2) if frames else None,
+        "server_cpu_main_thread_s": rnd(threads1[0] - threads0[0], 3),
+        "server_cpu_other_threads_s": rnd(threads1[1] - threads0[1], 3),
+        "server_preempted": threads1[2] - threads0[2],
+        "others_cpu_share": rnd(others_share, 3),
         "client_cpu_s": rnd(load_cpu, 3),
         "client_cpu_us_per_frame": rnd(load_cpu * 1e6 / frames, 2) if frames else None,
         "close_codes": codes,
@@ -568,6 +608,17 @@ def summarize(
                 "server_cpu_us_per_frame": rnd(median([f["server_cpu_us_per_frame"] for f in fan])),
                 "client_cpu_us_per_frame": rnd(median([f["client_cpu_us_per_frame"] for f in fan])),
                 "kib_per_conn": rnd(median([g["kib_per_conn"] for g in got])),
+                "others_cpu_share": rnd(median([f.get("others_cpu_share") for f in fan]), 3),
+                "server_other_threads_share": rnd(
+                    median(
+                        [
+                            f["server_cpu_other_threads_s"] / f["server_cpu_s"]
+                            for f in fan
+                            if f.get("server_cpu_s")
+                        ]
+                    ),
+                    3,
+                ),
             }
             if kind == "musicsync":
                 ratios: dict[str, list[float | None]] = {"p50": [], "p99": [], "cpu": []}
@@ -627,6 +678,10 @@ def mark(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.0f}"
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -639,7 +694,7 @@ def print_tables(res: dict[str, Any]) -> None:
     head = (
         f"{'server':>10} {'N':>6} {'seat s':>7} {'p50':>7} {'p99':>7} {'max':>7} "
         f"{'all got all':>11} {'srv us/fr':>9} {'cli us/fr':>9} {'KiB/conn':>8} "
-        f"{'x p50':>6} {'x p99':>6} {'x cpu':>6}  goals"
+        f"{'x p50':>6} {'x p99':>6} {'x cpu':>6} {'thr%':>4} {'oth%':>4}  goals"
     )
     print(head)
     for r in res["rows"]:
@@ -652,13 +707,16 @@ def print_tables(res: dict[str, Any]) -> None:
             f"{fmt(r['server_cpu_us_per_frame'], '.1f'):>9} "
             f"{fmt(r['client_cpu_us_per_frame'], '.1f'):>9} {fmt(r['kib_per_conn'], '.1f'):>8} "
             f"{fmt(r.get('ratio_p50'), '.2f'):>6} {fmt(r.get('ratio_p99'), '.2f'):>6} "
-            f"{fmt(r.get('ratio_cpu'), '.2f'):>6}  {gtxt}"
+            f"{fmt(r.get('ratio_cpu'), '.2f'):>6} {pct(r.get('server_other_threads_share')):>4} "
+            f"{pct(r.get('others_cpu_share')):>4}  {gtxt}"
         )
     print(
         "  seat s = seconds to seat N listeners (welcome received); all got all = every listener"
         " got every change in every run;\n  srv us/fr = server CPU per delivered state frame;"
         " cli us/fr = the load client's CPU per frame (it must stay below the server's);"
-        "\n  KiB/conn = server VmRSS per idle connection; x = musicsync / reference, same run"
+        "\n  KiB/conn = server VmRSS per idle connection; x = musicsync / reference, same run;"
+        "\n  thr% = the server's CPU spent outside its main thread (musicsync: sender threads);"
+        "\n  oth% = the share of the machine everything else (other users, steal) took: noise"
     )
     print("\nGoals (issue 11), musicsync:")
     for name, ok in res["goals"].items():

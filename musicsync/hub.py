@@ -10,7 +10,7 @@ import math
 import random
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ import trio
 from .access import hash_password
 from .clock import ServerClock
 from .config import Settings
+from .fanpool import SenderDied, SenderPool, default_threads
 from .health import Device, RoomHealth
 from .metrics import Metrics
 from .outbox import Frame, Outbox, OutboxOverflow, PendingPong
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Close codes (docs/protocol.md lists them all).
 CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL = 1011
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_HEARTBEAT = 4000
@@ -90,6 +92,17 @@ class Sink(Protocol):
         False only when the socket took nothing (its buffer is full): the
         caller then queues the frame instead.
         """
+        ...
+
+    @property
+    def raw_send(self) -> Callable[[bytes], int] | None:
+        """The non-blocking socket's own ``send``, for the sender pool to call
+        while the loop waits (None: only ``offer`` writes here)."""
+        ...
+
+    def settle(self, data: bytes, outcome: int | OSError) -> bool:
+        """Take note of what a ``raw_send(data)`` did (bytes taken, or its
+        error) as ``offer`` would have; returns what ``offer`` would have."""
         ...
 
 
@@ -189,21 +202,48 @@ class Client:
             self._ring()  # the writer flushes the tail
         return True
 
+    def direct_send(self) -> Callable[[bytes], int] | None:
+        """The socket's ``send`` if a frame may go straight to it now (as
+        ``send_now`` would write it), else None."""
+        sink = self.sink
+        if sink is None or not sink.idle or self.outbox or self.close_code is not None:
+            return None
+        return sink.raw_send
+
+    def settle_direct(self, data: bytes, outcome: int | OSError) -> bool:
+        """After the sender pool called ``direct_send()(data)``: what ``send_now``
+        would have returned (False: nothing went, queue the frame)."""
+        sink = self.sink
+        assert sink is not None
+        if not sink.settle(data, outcome):
+            return False
+        if not sink.idle:
+            self._ring()  # the writer flushes the tail
+        return True
+
     def deliver(self, frame: Frame) -> bool:
         """Queue (or write at once) one frame; True if it was written directly."""
         if self.send_now(frame):
             return True
-        self._guarded(self.outbox.push, frame)
+        self.enqueue(frame)
         return False
+
+    def enqueue(self, frame: Frame) -> None:
+        """Hand ``frame`` to the writer, behind whatever waits already."""
+        self._guarded(self.outbox.push, frame)
 
     def deliver_state(self, frame: Frame) -> bool:
         """Like ``deliver``, but a queued state is replaced by a newer one."""
         if self.send_now(frame):
             self.saw(frame)
             return True
+        self.enqueue_state(frame)
+        return False
+
+    def enqueue_state(self, frame: Frame) -> None:
+        """Hand a state to the writer; it replaces a state still waiting."""
         self.state_frame, self.state_queued_at = frame, trio.current_time()
         self._guarded(self.outbox.push_state, frame)
-        return False
 
     def saw(self, frame: Frame) -> None:
         """``frame`` reached the socket: note the queue it carried, if any."""
@@ -313,19 +353,26 @@ class Hub:
         self.stats = HubStats()
         self.metrics = Metrics(self)
         self.closing = False
+        # Big rooms' broadcasts share their sends with these threads (run()
+        # starts them); until then, and after, the loop sends alone.
+        self.senders = SenderPool(0)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the room writer, the rooms' timer and the heartbeat sweep until ``close``."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.writer is not None:
-                await nursery.start(self.writer.run)
-            if self.backend is not None:
-                await nursery.start(self.backend.run, self)
-            nursery.start_soon(self._timer_loop)
-            nursery.start_soon(self.sweep_heartbeats)
-            task_status.started()
-            await trio.sleep_forever()
+        self.senders = SenderPool(default_threads())
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.writer is not None:
+                    await nursery.start(self.writer.run)
+                if self.backend is not None:
+                    await nursery.start(self.backend.run, self)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self.sweep_heartbeats)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.senders.close()  # idle threads: returns at once
 
     async def shutdown(self) -> None:
         """Tell every client to reconnect (1001) and wait for the writers to flush.
@@ -724,10 +771,7 @@ class Hub:
         No task is woken for a client whose socket takes the frame at once;
         only a full socket queues it for its writer.
         """
-        direct = 0
-        for client in entry.clients.values():
-            direct += client.deliver(frame)
-        self.stats.messages_out += direct
+        self.stats.messages_out += self._deliver_all(entry.clients.values(), frame, state=False)
 
     def _fan_out_state(self, entry: RoomEntry, effect: BroadcastState) -> None:
         """A state to every client of a room, encoded once per variant (JSON and
@@ -739,17 +783,56 @@ class Hub:
         light = Frame(encode("state", room=light_state))
         full: Frame | None = None
         started = trio.current_time()
-        direct = 0
-        for client in entry.clients.values():
-            if client.queue_rev >= rev:
-                direct += client.deliver_state(light)
-                continue
-            if full is None:
-                full = Frame(encode("state", room=effect.state), queue_rev=rev)
+        clients: Collection[Client] = entry.clients.values()
+        lacking = [client for client in clients if client.queue_rev < rev]
+        if lacking:
+            full = Frame(encode("state", room=effect.state), queue_rev=rev)
+            clients = [client for client in clients if client.queue_rev >= rev]
+        direct = self._deliver_all(clients, light, state=True)
+        for client in lacking:
+            assert full is not None
             direct += client.deliver_state(full)
         self.stats.messages_out += direct
         if direct:
             self.metrics.broadcast_latency.observe(trio.current_time() - started)
+
+    def _deliver_all(self, clients: Collection[Client], frame: Frame, *, state: bool) -> int:
+        """``frame`` to each of ``clients`` (``deliver_state`` or ``deliver``);
+        returns how many were written directly.
+
+        A big room's direct writes are shared with the sender pool's threads
+        (``socket.send`` releases the GIL); the loop waits for them, so nothing
+        else touches those sockets meanwhile. Afterwards, on the loop: a socket
+        that took only part of the frame wakes its writer for the tail, one
+        that took nothing gets the frame queued, as in ``send_now``.
+        """
+        pool = self.senders
+        if len(clients) < pool.min_sockets or not pool.threads:
+            deliver = Client.deliver_state if state else Client.deliver
+            return sum([deliver(client, frame) for client in clients])
+        takers = clients if isinstance(clients, list) else list(clients)
+        data = frame.wire
+        try:
+            misses = pool.send(data, takers, Client.direct_send)
+        except SenderDied:
+            log.exception("a sender thread failed; the broadcast's clients are asked to reconnect")
+            for client in takers:  # which of them got the frame is unknown
+                client.fail(CLOSE_INTERNAL, "internal error")
+            return 0
+        queued: set[int] = set()
+        for i, outcome in misses:
+            client = takers[i]
+            if outcome is None or not client.settle_direct(data, outcome):
+                queued.add(i)
+                if state:
+                    client.enqueue_state(frame)
+                else:
+                    client.enqueue(frame)
+        if state and frame.queue_rev is not None:
+            for i, client in enumerate(takers):
+                if i not in queued:
+                    client.saw(frame)
+        return len(takers) - len(queued)
 
     def encode_pong(self, pong: PendingPong) -> Frame:
         return Frame(encode("pong", t0=pong.t0, t1=pong.t1, t2=self.clock.now_ms()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import socket as stdlib_socket
 import struct
+from collections.abc import Callable
 
 import trio
 from wsproto.connection import Connection, ConnectionType
@@ -96,13 +97,26 @@ class FastTransport:
         assert self._raw is not None and self._tail is None
         try:
             n = self._raw.send(data)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self.broken = True  # the writer's next flush ends the connection
-            return True
+        except OSError as exc:
+            return self.settle(data, exc)
         if n < len(data):
             self._tail = memoryview(data)[n:]
+        return True
+
+    @property
+    def raw_send(self) -> Callable[[bytes], int] | None:
+        return self._raw.send if self._raw is not None else None
+
+    def settle(self, data: bytes, outcome: int | OSError) -> bool:
+        """What a ``send(data)`` on our socket did, made by someone else (the
+        hub's sender pool) while nothing else wrote here: as ``offer``."""
+        assert self._tail is None
+        if isinstance(outcome, BlockingIOError):
+            return False
+        if isinstance(outcome, OSError):
+            self.broken = True  # the writer's next flush ends the connection
+        elif outcome < len(data):
+            self._tail = memoryview(data)[outcome:]
         return True
 
     async def flush(self) -> None:
