@@ -63,13 +63,17 @@ async def test_flood_of_invalid_json(arena: Arena) -> None:
 async def test_flood_of_pings(arena: Arena) -> None:
     """JSON pings past their budget, on and on: closed like any other flood."""
     async with arena.attack(), RawWS.open(arena.server) as raw:
+        started = trio.current_time()
         out = await raw.flood(text({"type": "ping", "t0": 1}), batch=100)
+        elapsed = trio.current_time() - started
         pongs = [m for m in out.messages if m["type"] == "pong"]
         codes = error_codes(out.messages)
         assert out.close_code == 1008
-        assert 60 <= len(pongs) < 200, len(pongs)  # the burst, then 30/s until the close
-        assert codes[-1:] == ["rate_limited"]
-        arena.note(f"100 pings every 0.5 s: {len(pongs)} pongs, then rate_limited and 1008")
+        # the burst, then 30/s until the close (later on a starved machine)
+        allowed = int(PING_BURST) + math.ceil(PING_RATE_PER_SECOND * elapsed)
+        assert PING_BURST <= len(pongs) <= allowed, (len(pongs), allowed, codes[-3:])
+        assert codes[-1:] == ["rate_limited"], codes[-3:]
+        arena.note(f"100 pings every 0.5 s: {len(pongs)} pongs in {elapsed:.1f} s, 1008")
 
 
 async def test_flood_of_frames_in_one_write(arena: Arena) -> None:
