@@ -743,6 +743,9 @@ class Hub:
     # -- fan-out -------------------------------------------------------------
 
     def _apply(self, entry: RoomEntry, effects: list[Effect]) -> None:
+        # Replies that share one payload object (a calibration schedule, tick mode: one
+        # message to many devices) are encoded once.
+        shared: tuple[str, dict[str, Any], Frame] | None = None
         for effect in effects:
             if isinstance(effect, Disconnect):
                 target = entry.clients.pop(effect.to, None)
@@ -752,8 +755,11 @@ class Hub:
             elif isinstance(effect, Reply):
                 target = entry.clients.get(effect.to)
                 if target is not None:
-                    frame = Frame(encode(effect.kind, **effect.payload))
-                    self.stats.messages_out += target.deliver(frame)
+                    same = shared is not None and shared[1] is effect.payload
+                    if shared is None or not same or shared[0] != effect.kind:
+                        frame = Frame(encode(effect.kind, **effect.payload))
+                        shared = (effect.kind, effect.payload, frame)
+                    self.stats.messages_out += target.deliver(shared[2])
             elif isinstance(effect, Error):
                 target = entry.clients.get(effect.to)
                 if target is not None:

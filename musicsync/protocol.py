@@ -347,6 +347,134 @@ class Resync:
     id: str = _f(_string(MAX_ID_LENGTH))
 
 
+# Calibration by microphone (musicsync/calibration.py schedules it): how many
+# devices one calibration measures, how many rounds it repeats, and what a
+# measuring device may say about each device.
+MAX_CALIBRATION_DEVICES = 16
+MIN_CALIBRATION_ROUNDS = 3
+MAX_CALIBRATION_ROUNDS = 5
+DEFAULT_CALIBRATION_ROUNDS = 3
+MAX_CALIBRATION_DELAY_MS = 5000.0
+MAX_CALIBRATION_REASON = 160
+
+
+def _rounds(value: Any, name: str) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not MIN_CALIBRATION_ROUNDS <= value <= MAX_CALIBRATION_ROUNDS
+    ):
+        raise ProtocolError(
+            "bad_message",
+            f"field {name!r} must be a whole number "
+            f"{MIN_CALIBRATION_ROUNDS}-{MAX_CALIBRATION_ROUNDS}",
+        )
+    return value
+
+
+def _id_list(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CALIBRATION_DEVICES:
+        raise ProtocolError(
+            "bad_message", f"field {name!r} must list 1-{MAX_CALIBRATION_DEVICES} ids"
+        )
+    ids = tuple(_string(MAX_ID_LENGTH)(v, name) for v in value)
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("bad_message", f"field {name!r} names a device twice")
+    return ids
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """Host or co-host: measure the devices through device ``mic``'s microphone.
+
+    ``devices`` defaults to everyone but ``mic`` (at most MAX_CALIBRATION_DEVICES).
+    """
+
+    TYPE: ClassVar[str] = "calibrate"
+    CONTROL: ClassVar[bool] = True
+    mic: str = _f(_string(MAX_ID_LENGTH))
+    devices: tuple[str, ...] | None = _f(_optional(_id_list), None)
+    rounds: int = _f(_rounds, DEFAULT_CALIBRATION_ROUNDS)
+
+
+@dataclass(frozen=True)
+class TickMode:
+    """Host or co-host: every device ticks together (``on``), to align offsets by ear."""
+
+    TYPE: ClassVar[str] = "tick_mode"
+    CONTROL: ClassVar[bool] = True
+    on: bool = _f(_boolean)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the measuring device heard of one device: its delay (ms, against its
+    scheduled time; null when no round counted), rounds that counted, their
+    spread, and why rounds were rejected."""
+
+    id: str
+    delay_ms: float | None
+    rounds: int
+    spread_ms: float | None
+    reason: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "delay_ms": self.delay_ms,
+            "rounds": self.rounds,
+            "spread_ms": self.spread_ms,
+            "reason": self.reason,
+        }
+
+
+_MEASUREMENT_KINDS: dict[str, Any] = {
+    "id": _string(MAX_ID_LENGTH),
+    "delay_ms": _optional(_within(-MAX_CALIBRATION_DELAY_MS, MAX_CALIBRATION_DELAY_MS)),
+    "rounds": None,  # checked below: 0 to MAX_CALIBRATION_ROUNDS
+    "spread_ms": _optional(_within(0.0, MAX_CALIBRATION_DELAY_MS)),
+    "reason": _optional(_string(MAX_CALIBRATION_REASON)),
+}
+
+
+def _measurement(value: Any, name: str) -> Measurement:
+    if not isinstance(value, dict) or set(value) != set(_MEASUREMENT_KINDS):
+        keys = ", ".join(_MEASUREMENT_KINDS)
+        raise ProtocolError("bad_message", f"each of {name!r} must be an object with {keys}")
+    rounds = value["rounds"]
+    if (
+        isinstance(rounds, bool)
+        or not isinstance(rounds, int)
+        or not 0 <= rounds <= MAX_CALIBRATION_ROUNDS
+    ):
+        raise ProtocolError(
+            "bad_message", f"{name}.rounds must be a whole number 0-{MAX_CALIBRATION_ROUNDS}"
+        )
+    checked = {k: kind(value[k], f"{name}.{k}") for k, kind in _MEASUREMENT_KINDS.items() if kind}
+    return Measurement(rounds=rounds, **checked)
+
+
+def _measurements(value: Any, name: str) -> tuple[Measurement, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CALIBRATION_DEVICES:
+        raise ProtocolError(
+            "bad_message", f"field {name!r} must list 1-{MAX_CALIBRATION_DEVICES} devices"
+        )
+    out = tuple(_measurement(v, name) for v in value)
+    if len({m.id for m in out}) != len(out):
+        raise ProtocolError("bad_message", f"field {name!r} names a device twice")
+    return out
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """The measuring device of calibration ``id``: what it heard of each device."""
+
+    TYPE: ClassVar[str] = "calibration_result"
+    CONTROL: ClassVar[bool] = True
+    id: str = _f(_string(MAX_ID_LENGTH))
+    devices: tuple[Measurement, ...] = _f(_measurements)
+
+
 ClientMessage = (
     SetTrack
     | Play
@@ -369,6 +497,9 @@ ClientMessage = (
     | Report
     | SetLatencyOffset
     | Resync
+    | Calibrate
+    | TickMode
+    | CalibrationResult
 )
 
 CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
@@ -395,6 +526,9 @@ CLIENT_MESSAGES: dict[str, type[ClientMessage]] = {
         Report,
         SetLatencyOffset,
         Resync,
+        Calibrate,
+        TickMode,
+        CalibrationResult,
     )
 }
 

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .access import hash_token
+from .calibration import CALIBRATION_PREPARE_MS, TICK_PERIOD_MS, Calibration, schedule
 from .effects import (
     CLOSE_KICKED,
     BroadcastPresence,
@@ -59,6 +60,9 @@ from .playqueue import (
     QueueItem,
 )
 from .protocol import (
+    MAX_CALIBRATION_DEVICES,
+    Calibrate,
+    CalibrationResult,
     ClaimHost,
     ClientMessage,
     CreateInvite,
@@ -77,6 +81,7 @@ from .protocol import (
     SetLatencyOffset,
     SetPassword,
     SetTrack,
+    TickMode,
     TransferHost,
     Volume,
 )
@@ -186,13 +191,20 @@ PERMISSIONS: dict[type[ClientMessage], frozenset[str]] = {
     SetPassword: _HOST,
     SetLatencyOffset: _PLAYBACK,
     Resync: _PLAYBACK,
+    Calibrate: _PLAYBACK,
+    TickMode: _PLAYBACK,
+    CalibrationResult: _EVERYONE,  # only the open calibration's measuring device gets through
 }
 # Messages a listener may also send while the room's settings say "listeners
 # may upload" (they suggest tracks).
 LISTENER_RIGHTS: frozenset[type[ClientMessage]] = frozenset({QueueAdd})
 # Messages that do not take from the room's change budget: they broadcast no state
 # (tuning a device is one frame to that device).
-FREE_MESSAGES: frozenset[type[ClientMessage]] = frozenset({ClaimHost, SetLatencyOffset, Resync})
+# calibration_result is one frame to the hosts, once per calibration. (calibrate and
+# tick_mode do take from it: they reach many devices.)
+FREE_MESSAGES: frozenset[type[ClientMessage]] = frozenset(
+    {ClaimHost, SetLatencyOffset, Resync, CalibrationResult}
+)
 
 # -- snapshots ------------------------------------------------------------------
 
@@ -270,9 +282,11 @@ class Room:
     """The authoritative state of one room: the facade over its parts."""
 
     __slots__ = (
+        "_calibration_rev",
         "_changes",
         "_commits",
         "_rng",
+        "calibration",
         "gate",
         "name",
         "playback",
@@ -296,6 +310,9 @@ class Room:
         self.gate = Gate(new_code)
         self._commits = 0
         self._rng = rng or random.Random()
+        # The open calibration (calibration.py): only its measuring device may answer.
+        self.calibration: Calibration | None = None
+        self._calibration_rev = 0
         # Changes the whole room may take, whoever sends them: every connection has
         # its own budget, but many co-hosts of one room must not flood its fan-out.
         self._changes = TokenBucket(ROOM_CHANGES_PER_SECOND, ROOM_CHANGE_BURST)
@@ -363,7 +380,7 @@ class Room:
     @property
     def revision(self) -> int:
         """Grows with every change ``snapshot()`` covers, broadcast or not."""
-        return self._commits + self.seats.revision + self.gate.revision
+        return self._commits + self.seats.revision + self.gate.revision + self._calibration_rev
 
     # -- queries -------------------------------------------------------------------
 
@@ -453,6 +470,7 @@ class Room:
             "queue": self.playqueue.to_dict(),
             "seats": self.seats.to_dict(),
             "gate": self.gate.to_dict(),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
 
     @classmethod
@@ -472,6 +490,8 @@ class Room:
         room.playqueue = PlayQueue.from_dict(snap["queue"])
         room.seats = Seats.from_dict(snap["seats"], now, resume_grace_ms)
         room.gate = Gate.from_dict(snap["gate"])
+        cal = snap.get("calibration")  # absent in snapshots from before calibration
+        room.calibration = None if cal is None else Calibration.from_dict(cal)
         return room
 
     def carry_over(self, older: Room) -> None:
@@ -721,6 +741,56 @@ class Room:
         self.seats.note_latency_offset(msg.id, msg.offset_ms)  # the lead covers it at once
         return [Reply(msg.id, "latency_offset", {"offset_ms": msg.offset_ms})]
 
+    def _calibrate(self, sender: Participant, msg: Calibrate, now: float) -> list[Effect]:
+        """Schedule a calibration: one payload (encoded once by the edge) to the measuring
+        device, every device measured and the hosts; it replaces any open one."""
+        seated = self.seats.participants
+        if msg.mic not in seated:
+            raise Refusal("no_such_participant", "no participant with that id (mic)")
+        if msg.devices is None:
+            devices = [pid for pid in seated if pid != msg.mic]
+            if len(devices) > MAX_CALIBRATION_DEVICES:
+                raise Refusal(
+                    "bad_message",
+                    f"more than {MAX_CALIBRATION_DEVICES} devices: name the ones to calibrate",
+                )
+        else:
+            devices = list(msg.devices)
+            if any(pid not in seated for pid in devices):
+                raise Refusal("no_such_participant", "no participant with that id (devices)")
+        if not devices:
+            raise Refusal("bad_message", "no device to calibrate but the microphone")
+        cal_id = f"cal-{self._rng.getrandbits(48):012x}"
+        start_at = now + self.lead_ms() + CALIBRATION_PREPARE_MS
+        record, payload = schedule(cal_id, msg.mic, sender.id, devices, start_at, msg.rounds)
+        self.calibration = record
+        self._calibration_rev += 1
+        to = dict.fromkeys([msg.mic, *devices, *self.seats.lead_ids()])
+        return [Reply(pid, "calibration", payload) for pid in to]
+
+    def _calibration_result(
+        self, sender: Participant, msg: CalibrationResult, now: float
+    ) -> list[Effect]:
+        """The measuring device's result, once, to the room's hosts and co-hosts."""
+        cal = self.calibration
+        if cal is None or cal.id != msg.id or sender.id != cal.mic or now > cal.until:
+            raise Refusal(
+                "no_such_calibration",
+                "no open calibration with that id for which this device measures",
+            )
+        if any(m.id not in cal.devices for m in msg.devices):
+            raise Refusal("no_such_participant", "a device that was not in this calibration")
+        self.calibration = None
+        self._calibration_rev += 1
+        devices = [m.to_wire() for m in msg.devices]
+        payload = {"id": msg.id, "from": sender.id, "devices": devices}
+        return [Reply(pid, "calibration_result", payload) for pid in self.seats.lead_ids()]
+
+    def _tick_mode(self, sender: Participant, msg: TickMode, now: float) -> list[Effect]:
+        """Every device ticks together (or stops): one payload to everyone in the room."""
+        payload = {"on": msg.on, "by": sender.id, "period_ms": TICK_PERIOD_MS}
+        return [Reply(pid, "ticks", payload) for pid in self.seats.participants]
+
 
 Transition = Callable[[Room, Participant, Any, float], list[Effect]]
 
@@ -745,4 +815,7 @@ TRANSITIONS: dict[type[ClientMessage], Transition] = {
     SetPassword: Room._set_password,
     SetLatencyOffset: Room._tune_device,
     Resync: Room._tune_device,
+    Calibrate: Room._calibrate,
+    TickMode: Room._tick_mode,
+    CalibrationResult: Room._calibration_result,
 }

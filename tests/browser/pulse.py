@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,6 +243,68 @@ class PulseServer:
             PULSE_SINK=self.sinks[channel],
             PULSE_CLIENTCONFIG=str(self.dir / "client.conf"),
         )
+        return env
+
+    # -- calibration: delays the page cannot see, and a microphone
+
+    def add_delayed_sink(self, channel: int, latency_ms: float) -> str:
+        """A sink whose sound reaches ``channel`` of the mix ``latency_ms`` later.
+
+        A mono null sink ``dly<channel>`` and a loopback from its monitor into
+        ``spk<channel>``: the delay comes after the browser, like a Bluetooth
+        speaker's, and no API of the page reports it. The loopback's rate
+        control is off (``adjust_time=0``: both sinks run on this machine's
+        clock), so the delay, whatever it settles to near ``latency_ms``, stays
+        put. Returns the sink's name for ``client_env_for``.
+        """
+        sink = f"dly{channel}"
+        self.pactl(
+            "load-module", "module-null-sink", f"sink_name={sink}", f"rate={RATE}",
+            "channels=1", "channel_map=mono",
+        )  # fmt: skip
+        self.pactl(
+            "load-module", "module-loopback", f"source={sink}.monitor",
+            f"sink={self.sinks[channel]}", f"latency_msec={latency_ms:g}", "adjust_time=0",
+            "source_dont_move=true", "sink_dont_move=true", "remix=no",
+        )  # fmt: skip
+        self._wait_for(lambda: sink in self.sink_names(), f"sink {sink}")
+        return sink
+
+    def add_microphone(self, name: str = "mic") -> str:
+        """A capture source ``name`` that hears the whole mix (every channel, mono),
+        and a sink ``<name>out`` nobody records for the measuring page's own output.
+
+        Chromium lists no monitor sources, so the mix's monitor is remapped into
+        a real source (see shared notes, headless-audio).
+        """
+        self.pactl(
+            "load-module", "module-remap-source", "master=mix.monitor", f"source_name={name}",
+            "channels=1", "channel_map=mono",
+        )  # fmt: skip
+        self.pactl(
+            "load-module", "module-null-sink", f"sink_name={name}out", f"rate={RATE}",
+            "channels=1", "channel_map=mono",
+        )  # fmt: skip
+        self._wait_for(lambda: f"{name}out" in self.sink_names(), f"sink {name}out")
+        return name
+
+    def _wait_for(self, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pulseaudio has no {what}:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def client_env_for(self, sink: str, source: str | None = None) -> dict[str, str]:
+        """Environment for a browser that plays into ``sink`` (and captures ``source``)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PULSE_")}
+        env.update(
+            PULSE_SERVER=f"unix:{self.socket}",
+            PULSE_SINK=sink,
+            PULSE_CLIENTCONFIG=str(self.dir / "client.conf"),
+        )
+        if source is not None:
+            env["PULSE_SOURCE"] = source
         return env
 
     def sink_inputs(self) -> dict[str, int]:
