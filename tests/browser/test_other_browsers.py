@@ -28,8 +28,15 @@ timestamp is ahead of now()), and an <audio> element that, after a seek or a
 playbackRate change, goes to readyState 2 ("waiting", networkState LOADING) and
 sometimes never moves again, whatever seeks or rate changes follow
 (createElementEngine trusts an advancing currentTime, and reloads one that stands
-still). Every media call and event of the page is traced into
+still). The traces showed why: in WebKitGTK every playbackRate change is a
+flushing GStreamer seek, and back-to-back flushes stall it; there the page
+corrects by rare seeks only (policy "gstreamer", docs/sync.md), with the same
+30 ms bound. Every media call and event of the page is traced into
 ``<name>-<engine>-media-trace.txt`` (MEDIA_TRACE_JS) for such cases.
+
+A WebKit WebProcess crash (the driver log's "WebProcess CRASHED") is a browser
+failure: the test judges the windows measured before it, then skips as "cannot
+judge" with the log line (WebKitCrashed); anything else fails as usual.
 
 Screenshots at desktop and phone widths go to $MUSICSYNC_SCREENSHOT_DIR or the
 test's tmp dir.
