@@ -9,6 +9,7 @@
 //
 // usage: node element_policy_sim.mjs INDEX_HTML SCENARIO
 //   webkitgtk  the user agent is WebKitGTK's MiniBrowser
+//   busy       WebKitGTK on a busy machine: each flush stands still 0-150 ms (seeded), as traced under load
 //   chromium   the user agent is Chromium (the default policy, rate trims) on the same element
 //   policies   no run: the policy the page picks for a list of user agents
 import { readFileSync } from "node:fs";
@@ -37,6 +38,11 @@ const FLUSH_CONFLICT_MS = 150;   // a flush this soon after the last one: the el
 const STALE_MS = 3;              // a rate change seeks to the reported position, this far behind the sound
 const DRIFT_PPM = 300;           // the element's clock against the true one
 const RUN_MS = 60_000;
+const BUSY_HOLD_MAX_MS = 150;
+
+let seed = 12345;              // a fixed LCG: the same "busy machine" every run
+const random = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+const holdMs = () => (scenario === "busy" ? random() * BUSY_HOLD_MAX_MS : FLUSH_HOLD_MS);
 
 // -- virtual time and timers
 let t = 1000;
@@ -66,7 +72,7 @@ function createFakeAudio() {
   const flush = (to) => {
     pos = to;
     since = t;
-    holdUntil = t + FLUSH_HOLD_MS;
+    holdUntil = t + holdMs();
     if (!paused && t - lastFlush < FLUSH_CONFLICT_MS) { if (!stuck) log.stalls += 1; stuck = true; }
     lastFlush = t;
   };
@@ -107,7 +113,7 @@ if (scenario === "policies") {
   process.exit(0);
 }
 
-const ua = UAS[scenario];
+const ua = UAS[scenario === "busy" ? "webkitgtk" : scenario];
 if (!ua) throw new Error(`unknown scenario ${scenario}`);
 const { createTimeline, createElementEngine } = load(ua);
 const timeline = createTimeline();
