@@ -18,7 +18,7 @@ from .pagesim import needs_node, run_page_sim
 pytestmark = needs_node
 
 SEEK_MIN_INTERVAL_MS = 1500  # GST_SEEK_MIN_INTERVAL_MS in the page
-DEADBAND_MS = 12  # GST_SEEK_DEADBAND_MS
+DEADBAND_MS = 25  # GST_SEEK_DEADBAND_MS
 
 
 def simulate(scenario: str) -> dict[str, Any]:
@@ -42,20 +42,22 @@ def test_webkitgtk_never_trims_the_rate_and_spaces_its_seeks() -> None:
     assert r["policy"] == "gstreamer", r
     assert r["rateSets"] == 0, r
     assert r["stalls"] == 0 and r["reloads"] == 0, r
-    # 300 ppm of drift over a minute: a few seeks, never two close together
-    assert 1 <= r["seeks"] <= 6, r
-    assert r["minSeekGapMs"] > SEEK_MIN_INTERVAL_MS, r
-    assert r["errP90"] < DEADBAND_MS + 2, r
+    # 300 ppm of drift over a minute (18 ms): the start's seek, few others, never two close
+    assert 1 <= r["seeks"] <= 3, r
+    assert r["minSeekGapMs"] is None or r["minSeekGapMs"] > SEEK_MIN_INTERVAL_MS, r
+    assert r["errP90"] < DEADBAND_MS, r
 
 
 def test_a_busy_machines_uneven_seeks_do_not_chain() -> None:
     # under load a GStreamer seek stands still 0-700 ms before it runs on (traced):
     # the engine learns the median of the last few, so one uneven landing does not
-    # throw the next seek off the other way (a running mean made 9 seeks here)
+    # throw the next seek off the other way (with the running correction used
+    # elsewhere this run ends p50 17 ms, p90 24 ms off; with the median 4 and 8)
     r = simulate("busy")
     assert r["rateSets"] == 0 and r["stalls"] == 0, r
     assert r["seeks"] <= 6, r
-    assert r["errP90"] < DEADBAND_MS, r
+    assert r["minSeekGapMs"] > SEEK_MIN_INTERVAL_MS, r
+    assert r["errP90"] < DEADBAND_MS / 2, r
 
 
 def test_rate_trims_on_the_same_element_stall_it() -> None:
