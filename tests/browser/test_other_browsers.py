@@ -28,8 +28,15 @@ timestamp is ahead of now()), and an <audio> element that, after a seek or a
 playbackRate change, goes to readyState 2 ("waiting", networkState LOADING) and
 sometimes never moves again, whatever seeks or rate changes follow
 (createElementEngine trusts an advancing currentTime, and reloads one that stands
-still). Every media call and event of the page is traced into
+still). The traces showed why: in WebKitGTK every playbackRate change is a
+flushing GStreamer seek, and back-to-back flushes stall it; there the page
+corrects by rare seeks only (policy "gstreamer", docs/sync.md), with the same
+30 ms bound. Every media call and event of the page is traced into
 ``<name>-<engine>-media-trace.txt`` (MEDIA_TRACE_JS) for such cases.
+
+A WebKit WebProcess crash (the driver log's "WebProcess CRASHED") is a browser
+failure: the test judges the windows measured before it, then skips as "cannot
+judge" with the log line (WebKitCrashed); anything else fails as usual.
 
 Screenshots at desktop and phone widths go to $MUSICSYNC_SCREENSHOT_DIR or the
 test's tmp dir.
@@ -41,6 +48,8 @@ import contextlib
 import json
 import math
 import os
+import resource
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -63,9 +72,11 @@ from .other_browsers.drivers import (
     INJECT_CSP_VIOLATION_JS,
     INJECT_UNCAUGHT_ERROR_JS,
     PULSEAUDIO,
+    WEBPROCESS_CRASHED,
     FirefoxBrowser,
     NullAudio,
     WebKitBrowser,
+    WebKitCrashed,
     missing_firefox,
     missing_webkit,
 )
@@ -199,10 +210,15 @@ class Browsers:
         return FirefoxBrowser(log_dir, self.audio.env)
 
     def run(self, name: str, body: Any) -> Any:
-        """``body(browser)``, in a fresh Firefox for each test."""
+        """``body(browser)``, in a fresh Firefox for each test (a fresh WebKit after a crash)."""
         browser = self.launch(name)
         try:
             return body(browser)
+        except WebKitCrashed:
+            # its WebDriver session died with the WebProcess: the next test launches another
+            self.webkit = None
+            browser.close()
+            raise
         finally:
             if name == "firefox":
                 browser.close()
@@ -233,11 +249,17 @@ def chromium_ref(playwright: Any) -> Iterator[Any]:
 @contextlib.contextmanager
 def opened(browser: Any, url: str, size: tuple[int, int] = DESKTOP) -> Iterator[Any]:
     page = browser.new_page(*size)
+    ok = False
     try:
         page.goto(url)
         yield page
+        ok = True
     finally:
-        page.close()
+        try:
+            page.close()
+        except WebKitCrashed:
+            if ok:  # a crash after a failure must not turn that failure into a skip
+                raise
 
 
 def new_room(prefix: str) -> str:
@@ -249,6 +271,15 @@ def text(page: Any, selector: str) -> str | None:
     return value
 
 
+def cannot_judge(crash: WebKitCrashed) -> None:
+    """Skip, with the evidence: the browser crashed under the page, so its sync cannot be judged.
+
+    Only for WebKitCrashed (the driver log's crash line), and only after whatever was
+    measured before the crash has been judged.
+    """
+    pytest.skip(f"cannot judge: WebKit's WebProcess crashed (a browser failure): {crash}")
+
+
 # -- the page loads, connects and syncs its clock ---------------------------------
 
 
@@ -258,7 +289,10 @@ def test_page_loads_clean_connects_and_syncs_its_clock(
     name: str, browsers: Browsers, server: ServerProcess, tmp_path: Path
 ) -> None:
     out = out_dir(tmp_path)
-    browsers.run(name, lambda browser: check_page(browser, name, server, out))
+    try:
+        browsers.run(name, lambda browser: check_page(browser, name, server, out))
+    except WebKitCrashed as crash:
+        cannot_judge(crash)
 
 
 def check_page(browser: Any, name: str, server: ServerProcess, out: Path) -> None:
@@ -345,6 +379,44 @@ def check_page(browser: Any, name: str, server: ServerProcess, out: Path) -> Non
             what="the detectors to report the deliberate faults",
             detail=page.problems,
         )
+
+
+@pytest.mark.browser
+def test_a_webkit_crash_is_told_apart_from_a_failure(
+    null_audio: NullAudio, server: ServerProcess, tmp_path: Path
+) -> None:
+    """Only a WebProcess crash (the driver log's line) makes WebKitCrashed, which tests skip on.
+
+    WebKitGTK's WebProcess once crashed as Web Audio started (1 in ~28 runs, no
+    core kept); a test then says "cannot judge" with the log's line. A failure of
+    the page's own (here: a script error) must stay a failure. The crash is made
+    by SIGABRT to the page's WebProcess (an outside SIGSEGV is swallowed by its
+    signal handlers); the driver then answers as in the real one: "Could not parse
+    script result", and the session is gone.
+    """
+    from selenium.common.exceptions import WebDriverException
+
+    require(missing_webkit(), "WebKit")
+    browser = WebKitBrowser(tmp_path, null_audio.env)
+    try:
+        page = browser.new_page(*DESKTOP)  # closed with the browser: after the crash it cannot be
+        page.goto(f"{server.url}/r/{new_room('ob')}?name=x")
+        wait_for(lambda: text(page, "#conn-text") == "Connected", 20, what="Connected")
+        with pytest.raises(WebDriverException, match="ob-deliberate-error"):
+            page.evaluate("() => { throw new Error('ob-deliberate-error'); }")
+        assert browser.crash_evidence() is None
+        pids = browser.web_processes()
+        assert pids, "no WebKitWebProcess under the driver"
+        for pid in pids:
+            resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))  # no core file of our own crash
+            os.kill(pid, signal.SIGABRT)
+        with pytest.raises(WebKitCrashed, match=WEBPROCESS_CRASHED):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # a call right after the signal may still answer
+                page.evaluate("() => 1")
+                time.sleep(0.1)
+    finally:
+        browser.close()
 
 
 # -- the page follows the room timeline -----------------------------------------
@@ -531,9 +603,15 @@ def test_plays_on_the_room_timeline_with_seek_and_pause(
     tmp_path: Path,
 ) -> None:
     out = out_dir(tmp_path)
-    phases, problems = browsers.run(
-        name, lambda browser: play_seek_pause(browser, name, engine, server, chromium_ref, out)
-    )
+    phases: list[Phase] = []  # filled as each window is measured: a crash keeps the ones before it
+    crash: WebKitCrashed | None = None
+    try:
+        problems = browsers.run(
+            name,
+            lambda b: play_seek_pause(b, name, engine, server, chromium_ref, out, phases),
+        )
+    except WebKitCrashed as exc:
+        crash, problems = exc, []
     report = {p.name: p.summary() for p in phases}
     for phase_name, s in report.items():
         print(f"\n{name} {engine} {phase_name}: " + " ".join(f"{k}={v:.2f}" for k, v in s.items()))
@@ -550,17 +628,28 @@ def test_plays_on_the_room_timeline_with_seek_and_pause(
             assert s["cross_p50"] < bound + ABS_MEDIAN_BOUND_MS["webaudio"], (
                 f"{phase_name}: {s['cross_p50']:.1f} ms apart from Chromium"
             )
-    assert abs(report["play"]["rate"] - 1) < RATE_TOLERANCE, report["play"]
-    assert report["play"]["cross_n"] >= MIN_SAMPLES // 2, "the Chromium page hardly played"
+    if "play" in report:
+        assert abs(report["play"]["rate"] - 1) < RATE_TOLERANCE, report["play"]
+        assert report["play"]["cross_n"] >= MIN_SAMPLES // 2, "the Chromium page hardly played"
+    if crash is not None:
+        cannot_judge(crash)  # after the windows measured before it passed
 
 
 def play_seek_pause(
-    browser: Any, name: str, engine: str, server: ServerProcess, chromium_ref: Any, out: Path
-) -> tuple[list[Phase], list[str]]:
-    """Host ``browser``'s page plays, seeks, pauses and resumes; a Chromium page listens."""
+    browser: Any,
+    name: str,
+    engine: str,
+    server: ServerProcess,
+    chromium_ref: Any,
+    out: Path,
+    phases: list[Phase],
+) -> list[str]:
+    """Host ``browser``'s page plays, seeks, pauses and resumes; a Chromium page listens.
+
+    Appends each measured window to ``phases``; returns the page's problems.
+    """
     room = new_room("ob")
     bound = ABS_MEDIAN_BOUND_MS[engine]
-    phases: list[Phase] = []
     problems: list[str] = []
     context = chromium_ref.new_context(viewport={"width": 1100, "height": 900})
     try:
@@ -579,7 +668,11 @@ def play_seek_pause(
                     0.2,
                     "clock sync",
                 )
-                assert probe(page)["engine"] == engine
+                first = probe(page)
+                assert first["engine"] == engine
+                if engine == "element":  # WebKitGTK plays media through GStreamer: no rate trims
+                    policy = "gstreamer" if name == "webkit" else "default"
+                    assert first["policy"] == policy, first
 
                 # play
                 page.fill("#track-url", f"/media/{TRACK_NAME}")
@@ -642,4 +735,4 @@ def play_seek_pause(
                     )
     finally:
         context.close()
-    return phases, problems
+    return problems

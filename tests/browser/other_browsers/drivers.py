@@ -324,6 +324,20 @@ class FirefoxPage:
 
 # -- WebKit -------------------------------------------------------------------
 
+# What MiniBrowser writes to the driver's log when the page's WebProcess dies.
+WEBPROCESS_CRASHED = "WebProcess CRASHED"
+CRASH_LOG_WAIT_S = 3.0  # after a failed WebDriver call: how long the crash line may take to arrive
+
+
+class WebKitCrashed(RuntimeError):
+    """WebKit's WebProcess crashed under the page: the browser failed, and the test cannot judge.
+
+    Raised only when a WebDriver call fails and the driver's log carries
+    WEBPROCESS_CRASHED (seen once in ~28 runs, just as Web Audio started, in
+    WebKitGTK 2.50: the call answers "Could not parse script result", and the
+    session is gone after it). The message carries the log's crash lines.
+    """
+
 
 class Xvfb:
     """A private X display (``Xvfb -displayfd`` picks a free number)."""
@@ -401,6 +415,56 @@ class WebKitBrowser:
         page.set_viewport(width, height)
         return page
 
+    def web_processes(self) -> list[int]:
+        """Pids of the WebKitWebProcess processes under this browser's driver."""
+        root = self.driver.service.process.pid
+        parents: dict[int, int] = {}
+        names: dict[int, str] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = stat.read_text()
+                # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'
+                pid = int(text.split(" ", 1)[0])
+                names[pid] = text[text.index("(") + 1 : text.rindex(")")]
+                parents[pid] = int(text[text.rindex(")") + 2 :].split()[1])
+
+        def under(pid: int) -> bool:
+            while pid > 1:
+                if pid == root:
+                    return True
+                pid = parents.get(pid, 0)
+            return False
+
+        # comm is cut to 15 characters
+        return [p for p, name in names.items() if name.startswith("WebKitWebProces") and under(p)]
+
+    def crash_evidence(self, wait: float = 0.0) -> str | None:
+        """The driver log's WebProcess crash lines, if it has any (waiting up to ``wait`` s)."""
+        deadline = time.monotonic() + wait
+        while True:
+            with contextlib.suppress(OSError):
+                self._log.flush()
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            found = [line.strip() for line in lines if WEBPROCESS_CRASHED in line]
+            if found or time.monotonic() >= deadline:
+                return "; ".join(found[:3]) if found else None
+            time.sleep(0.1)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, a WebDriver call: its failure is WebKitCrashed if the log says so."""
+        from selenium.common.exceptions import WebDriverException
+
+        try:
+            return fn(*args)
+        except WebDriverException as exc:
+            evidence = self.crash_evidence(wait=CRASH_LOG_WAIT_S)
+            if evidence is None:
+                raise
+            raise WebKitCrashed(
+                f"{evidence} (driver log {self.log_path}); the call failed with: "
+                f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            ) from exc
+
     def close(self) -> None:
         if self.driver is not None:
             with contextlib.suppress(Exception):
@@ -416,34 +480,37 @@ class WebKitPage:
         self.driver = browser.driver
 
     def goto(self, url: str) -> None:
-        self.driver.get(url)
+        self.browser.call(self.driver.get, url)
         self.evaluate(WATCH_JS)
 
     def close(self) -> None:
         """The one window stays; its page goes (and with it, its audio)."""
-        self.driver.get("about:blank")
+        self.browser.call(self.driver.get, "about:blank")
 
     def evaluate(self, fn: str, arg: Any = None) -> Any:
         # execute_script is not subject to the page's CSP (no eval in the page)
-        return self.driver.execute_script(f"return ({fn})(arguments[0]);", arg)
+        return self.browser.call(self.driver.execute_script, f"return ({fn})(arguments[0]);", arg)
 
     def click(self, selector: str) -> None:
         from selenium.webdriver.common.by import By
 
-        self.driver.find_element(By.CSS_SELECTOR, selector).click()
+        self.browser.call(lambda: self.driver.find_element(By.CSS_SELECTOR, selector).click())
 
     def fill(self, selector: str, value: str) -> None:
         from selenium.webdriver.common.by import By
 
-        el = self.driver.find_element(By.CSS_SELECTOR, selector)
-        el.clear()
-        el.send_keys(value)
+        def fill() -> None:
+            el = self.driver.find_element(By.CSS_SELECTOR, selector)
+            el.clear()
+            el.send_keys(value)
+
+        self.browser.call(fill)
 
     def set_viewport(self, width: int, height: int) -> None:
         """Resize the window until the page's viewport is ``width`` x ``height``."""
         w, h = width, height
         for _ in range(4):
-            self.driver.set_window_size(w, h)
+            self.browser.call(self.driver.set_window_size, w, h)
             inner = self.evaluate("() => [innerWidth, innerHeight]")
             if inner == [width, height]:
                 return
@@ -452,7 +519,7 @@ class WebKitPage:
 
     def screenshot(self, path: Path, full_page: bool = False) -> None:
         del full_page  # WebDriver screenshots are of the viewport
-        self.driver.save_screenshot(str(path))
+        self.browser.call(self.driver.save_screenshot, str(path))
 
     def problems(self) -> list[str]:
         """Uncaught errors and CSP violations seen by listeners added right after load."""
