@@ -76,5 +76,11 @@ zipapp:
 zipapp-smoke: zipapp
     {{python}} -m musicsync.zipapp --smoke dist/musicsync.pyz
 
+# the whole suite as CI runs it: the core and server tests on two workers, then
+# the browser tests on their own (their audio timing wants the machine to itself)
+test-ci:
+    {{python}} -m pytest -n 2 --dist loadfile --ignore=tests/browser -p no:benchmark
+    {{python}} -m pytest tests/browser
+
 # what CI runs
-ci: lint test zipapp-smoke
+ci: lint test-ci zipapp-smoke
