@@ -32,6 +32,7 @@ def test_only_webkit_on_linux_gets_the_seek_only_policy() -> None:
         "safariMac": "default",
         "safariIos": "default",
         "chromium": "default",
+        "headlessChromium": "default",  # the browser tests' Chromium
         "chromeAndroid": "default",
         "firefox": "default",
     }
