@@ -45,7 +45,9 @@ from tests.browser.conftest import DelayProxy, start_server  # noqa: E402
 
 SETTLE_S = {"webaudio": 1.0, "element": 4.0, "mixed": 4.0}
 GOALS_P95_MS = {"webaudio": 5.0, "element": 30.0, "mixed": 30.0}
-GOAL_JOIN_TO_SYNC_S = 1.5  # the median join
+GOAL_JOIN_TO_SYNC_S = 1.5  # the median Web Audio join, within 2 ms of the room
+# "in sync" after a join, as heard: the <audio> engine's own target is coarser
+JOIN_BOUND_MS = {"webaudio": heard_join.SYNC_BOUND_MS, "element": 5.0}
 GOAL_CHANGE_AFTER_MS = 5.0  # the median change: spread from 250 ms on, and no gap
 
 
@@ -54,7 +56,7 @@ def _median(values: list[float | None]) -> float | None:
     return round(statistics.median(got), 3) if got else None
 
 
-def join_figures(results: list[heard_join.JoinResult]) -> dict[str, object]:
+def join_figures(engine: str, results: list[heard_join.JoinResult]) -> dict[str, object]:
     """Medians over the joins that PulseAudio did not starve (all of them if none was clean)."""
     clean = [r for r in results if not r.underruns] or results
     sync = [math.inf if math.isnan(r.sync_s) else r.sync_s for r in clean]
@@ -66,8 +68,9 @@ def join_figures(results: list[heard_join.JoinResult]) -> dict[str, object]:
         "join_to_sync_s": [None if math.isinf(x) else round(x, 3) for x in sync],
         "first_heard_s_p50": _median([r.first_heard_s for r in clean]),
         "shown_after_navigation_s_p50": _median([r.load_s for r in clean]),
-        "goal_s": GOAL_JOIN_TO_SYNC_S,
-        "goal_met": math.isfinite(med) and med <= GOAL_JOIN_TO_SYNC_S,
+        "bound_ms": JOIN_BOUND_MS[engine],
+        "goal_s": GOAL_JOIN_TO_SYNC_S if engine == "webaudio" else None,
+        "goal_met": engine != "webaudio" or (math.isfinite(med) and med <= GOAL_JOIN_TO_SYNC_S),
     }
 
 
@@ -89,7 +92,7 @@ def change_figures(results: list[heard_change.ChangeResult]) -> dict[str, object
 
 def fast_table(engine: str, join: dict[str, object], change: dict[str, object]) -> str:
     return (
-        f"{engine}: join to sync (within {heard_join.SYNC_BOUND_MS:g} ms, as heard) p50"
+        f"{engine}: join to sync (within {join['bound_ms']} ms, as heard) p50"
         f" {join['join_to_sync_s_p50']} s of {join['join_to_sync_s']}, first heard p50"
         f" {join['first_heard_s_p50']} s ({join['judged']}/{join['joins']} judged)\n"
         f"{engine}: queue change: first click spread p50 {change['first_click_spread_ms_p50']}"
@@ -156,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     joins = (
                         heard_join.run_joins(
-                            pw, pa, proxy, engine, f"/media/{audible.TRACK_FILE}", args.joins
+                            pw,
+                            pa,
+                            proxy,
+                            engine,
+                            f"/media/{audible.TRACK_FILE}",
+                            args.joins,
+                            bound_ms=JOIN_BOUND_MS[engine],
                         )
                         if args.joins
                         else []
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(j.table(), flush=True)
                     for c in changes:
                         print(c.table(), flush=True)
-                    fast[engine] = (join_figures(joins), change_figures(changes))
+                    fast[engine] = (join_figures(engine, joins), change_figures(changes))
                     print(fast_table(engine, *fast[engine]), flush=True)
         finally:
             server.stop()

@@ -30,6 +30,7 @@ A_SECONDS = 8
 B_SECONDS = 20
 PLAY_FROM_END_S = 4.5  # A is played from here before its end: B is announced at once
 GLITCH_S = 0.25  # "the first 250 ms" after the change
+FIRST_CLICK_BY_S = 0.3  # the change's first click heard on every channel: this soon
 AFTER_S = 3.0  # measured after the change, in all
 BEFORE_S = 0.5  # gaps are looked for from this long before the change
 GAP_MIN_MS = 2.0  # a silent stretch this long is a gap
@@ -40,8 +41,8 @@ PROBE_INTERVAL_S = 0.05
 class ChangeResult:
     engine: str
     start_at: float  # B's, wall seconds
-    glitch_ms: list[float]  # per click of B heard on every channel in the first 250 ms
-    after_ms: list[float]  # ... and from then until AFTER_S
+    glitch_ms: list[float]  # the first click of B heard on every channel (0 or 0.25 s in)
+    after_ms: list[float]  # per click of B heard on every channel from 250 ms on
     gaps_ms: list[list[tuple[float, float]]]  # per channel: (s after start_at, length ms)
     missing: list[int]  # per channel: B's clicks the others played and it did not
     heard_late_ms: list[float | None]  # per channel: median onset minus B's timeline
@@ -56,7 +57,7 @@ class ChangeResult:
             "glitch_max_ms": _r(max(self.glitch_ms) if self.glitch_ms else None),
             "after_max_ms": _r(max(self.after_ms) if self.after_ms else None),
             "after_p50_ms": _r(percentile(self.after_ms, 0.5)),
-            "clicks": len(self.glitch_ms) + len(self.after_ms),
+            "clicks": len(self.after_ms),
             "gaps": [len(g) for g in self.gaps_ms],
             "longest_gap_ms": _r(max((n for g in self.gaps_ms for _, n in g), default=0.0)),
             "missing": self.missing,
@@ -72,8 +73,8 @@ class ChangeResult:
             if g
         )
         return (
-            f"{self.engine} queue change, as heard: spread in the first {GLITCH_S * 1000:.0f} ms"
-            f" max {s['glitch_max_ms']} ms, then p50 {s['after_p50_ms']} max {s['after_max_ms']}"
+            f"{self.engine} queue change, as heard: first click's spread {s['glitch_max_ms']} ms;"
+            f" from {GLITCH_S * 1000:.0f} ms on p50 {s['after_p50_ms']} max {s['after_max_ms']}"
             f" ms ({s['clicks']} clicks); gaps {s['gaps']} (longest {s['longest_gap_ms']} ms"
             f"{': ' + gaps if gaps else ''}); missing {s['missing']}; heard late vs B's"
             f" timeline {s['heard_late_ms']} ms; underruns {s['underruns']}"
@@ -92,12 +93,18 @@ def write_tracks(media: Any) -> None:
 def analyse(rec: pulse.Recorder, start_at: float) -> tuple[Any, ...]:
     """Spreads of B's clicks (first 250 ms, then), gaps and misses per channel, lateness."""
     n = rec.channels
-    glitch = audible.Window("glitch", start_at - 0.01, start_at + GLITCH_S)
-    after = audible.Window("after", start_at + GLITCH_S, start_at + AFTER_S)
-    spreads = []
-    for w in (glitch, after):
-        matched, _ = audible._match(audible._clicks(rec, w))
-        spreads.append([(max(fs) - min(fs)) / pulse.RATE * 1000 for fs in matched])
+    # B's first click is often not heard whole (Web Audio fades a start in over 4 ms,
+    # an element may start a few ms in), and without it the next one cannot be told
+    # by its code: the glitch is the spread of each channel's first onset after the change
+    a, b = rec.time_frame(start_at - 0.01), rec.time_frame(start_at + FIRST_CLICK_BY_S)
+    firsts = [pulse.onsets(rec.channel(ch, a, b), a) for ch in range(n)]
+    glitch = []
+    if all(firsts):
+        heads = [o[0].frame for o in firsts]
+        glitch.append((max(heads) - min(heads)) / pulse.RATE * 1000)
+    after = audible.Window("after", start_at + GLITCH_S - 0.01, start_at + AFTER_S)
+    matched, _ = audible._match(audible._clicks(rec, after))
+    spreads = [glitch, [(max(fs) - min(fs)) / pulse.RATE * 1000 for fs in matched]]
     whole = audible.Window("b", start_at - 0.01, start_at + AFTER_S)
     clicks = audible._clicks(rec, whole)
     _, missing = audible._match(clicks)
