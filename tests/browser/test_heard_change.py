@@ -3,8 +3,9 @@
 Three Chromium processes (clocks skewed, 20-80 ms of jitter) play a coded click
 track A to its end; the queue's B follows at A's end (see ``heard_change.py``).
 In the recording of the three outputs: no channel is silent for 2 ms or more
-around the change, and from 250 ms after it every click of B is heard on all
-three within 5 ms. A change with a PulseAudio underrun near it (the machine
+around the change, and from 250 ms after it the clicks of B are heard on all
+three within Web Audio's steady bounds as heard (``test_audible``: p95 under
+5 ms, every click under 10 ms). A change with a PulseAudio underrun near it (the machine
 starved an output: a gap no page can prevent) is taken again, once; if that
 one is starved too and nothing else was wrong, the test cannot judge (xfail).
 
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 
 from . import heard_change, pulse
-from .conftest import DelayProxy, ServerProcess, serving
+from .conftest import DelayProxy, ServerProcess, percentile, serving
 
 pytestmark = [
     pytest.mark.browser,
@@ -37,7 +38,8 @@ pytestmark = [
 ]
 
 BROWSERS = 3
-AFTER_MAX_MS = 5.0
+AFTER_P95_MS = 5.0  # test_audible's Web Audio bounds, as heard
+AFTER_MAX_MS = 10.0
 MIN_CLICKS = 9  # of the 12 clicks of B from 250 ms to 3 s
 ATTEMPTS = 2
 
@@ -69,8 +71,9 @@ def _problems(r: heard_change.ChangeResult) -> list[str]:
         out.append(f"silent gaps {s['gaps']} (longest {s['longest_gap_ms']} ms)")
     if s["clicks"] < MIN_CLICKS:
         out.append(f"only {s['clicks']} clicks of B heard on every channel")
-    elif s["after_max_ms"] is None or s["after_max_ms"] > AFTER_MAX_MS:
-        out.append(f"from 250 ms on, max spread {s['after_max_ms']} ms")
+    elif percentile(r.after_ms, 0.95) >= AFTER_P95_MS or max(r.after_ms) >= AFTER_MAX_MS:
+        p95 = percentile(r.after_ms, 0.95)
+        out.append(f"from 250 ms on, spread p95 {p95:.2f} max {s['after_max_ms']} ms")
     return out
 
 
