@@ -13,10 +13,12 @@ its offset within about 1 ms in half the joins, 2.5 ms in nine of ten
 (``tests/client/test_join_clock.py``). The tail is the clock's; it is bounded
 here too.
 
-A join that misses these with a PulseAudio underrun in its recording (the
-machine starved an output; no page can prevent the gap, and the room's own
-pages move by 5-30 ms then) is not judged; with fewer than two joins judged the
-test cannot judge (xfail). A join that meets them counts, underruns or not.
+A join with a PulseAudio underrun in its recording is not judged: the machine
+starved an output (no page can prevent the gap; the room's own pages move by
+5-30 ms then), and the page's own process with it (at a load of 7-9 on this
+2-core machine a page is first heard 1.3-2.1 s after the tap, not 1.2-1.4 s).
+With fewer than two joins judged the test cannot judge (xfail); what was heard
+is printed either way.
 
     pytest tests/browser/test_heard_join.py -s      # prints what was heard
 """
@@ -99,9 +101,10 @@ def test_a_joining_page_is_heard_with_the_room_within_1_5_s(
             wrong.append(f"after sync, p95 {s['after_sync_p95_ms']} ms off the room")
         if s["clicks"] < 12:
             wrong.append(f"only {s['clicks']} clicks matched")
-        if wrong and r.underruns:
-            # the machine starved an output in this join: its failure says nothing of the page
-            starved.append(f"{'; '.join(wrong)} ({len(r.underruns)} underruns)")
+        if r.underruns:
+            # the machine starved an output (and the pages' processes) in this join: its
+            # timing says nothing of the page, either way
+            starved.append(f"{len(r.underruns)} underruns: {'; '.join(wrong) or 'in time'}")
             continue
         judged.append(r)
         problems += wrong
