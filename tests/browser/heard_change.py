@@ -21,6 +21,7 @@ from typing import Any
 from . import audible, pulse
 from .audible import SKEWS_MS, TRACE_DRAIN_JS, launch_listener, open_traced_page
 from .conftest import DelayProxy, percentile, probe, wait_for
+from .heard_join import boosted
 from .sync_scenario import room_url, wait_clocks
 from .test_queue_sync import HostSocket
 
@@ -148,7 +149,7 @@ def run_change(
     with HostSocket(f"{ws_base}/ws/{room}?name=host") as host:
         try:
             browsers = [launch_listener(playwright, server, ch) for ch in range(n)]
-            with server.record() as rec:
+            with boosted(server), server.record() as rec:
                 pages = [
                     open_traced_page(b, room_url(proxy, room, engine, f"ear{i}"), SKEWS_MS[i])
                     for i, b in enumerate(browsers)

@@ -13,14 +13,18 @@ click from which every later click is within the bound.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import pulse
 from .audible import (
+    BOOST_INTERVAL_S,
     SKEWS_MS,
     TRACE_DRAIN_JS,
     TRACE_SCRIPT,
@@ -144,6 +148,24 @@ def analyse(
     return errors, spreads, first
 
 
+@contextlib.contextmanager
+def boosted(server: pulse.PulseServer) -> Iterator[None]:
+    """Real-time priority for the browsers' PulseAudio threads as they open (as ``audible.run``)."""
+    stop = threading.Event()
+
+    def boost() -> None:
+        while not stop.wait(BOOST_INTERVAL_S):
+            server.boost_clients()
+
+    thread = threading.Thread(target=boost, name="audio-boost", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def run_joins(
     playwright: Any,
     server: pulse.PulseServer,
@@ -160,7 +182,7 @@ def run_joins(
     results: list[JoinResult] = []
     try:
         browsers = [launch_listener(playwright, server, ch) for ch in range(n)]
-        with server.record() as rec:
+        with boosted(server), server.record() as rec:
             room = f"j{uuid.uuid4().hex[:10]}"
             pages = [
                 open_traced_page(b, room_url(proxy, room, engine, f"room{i}"), SKEWS_MS[i])
