@@ -22,8 +22,8 @@ function rng(seed) {
   return () => { s = (Math.imul(s, 1664525) + 1013904223) >>> 0; return s / 2 ** 32; };
 }
 
-// the page's schedule: a burst of 16 at 50 ms, warm-up at 66 ms to 96 samples, then every 2-3 s
-const gapAfter = (n, r) => (n < 16 ? 50 : n < 96 ? 66 : 2000 + r() * 1000);
+// the page's schedule: a burst of 43 at 35 ms, warm-up at 66 ms to 96 samples, then every 2-3 s
+const gapAfter = (n, r) => (n < 43 ? 35 : n < 96 ? 66 : 2000 + r() * 1000);
 
 const worst = [], finalSkewPpm = [];
 for (let seed = 1; seed <= cfg.seeds; seed++) {

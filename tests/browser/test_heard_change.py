@@ -1,0 +1,97 @@
+"""A queue change is seamless as heard with Web Audio: no gap, together from 250 ms on.
+
+Three Chromium processes (clocks skewed, 20-80 ms of jitter) play a coded click
+track A to its end; the queue's B follows at A's end (see ``heard_change.py``).
+In the recording of the three outputs: no channel is silent for 2 ms or more
+around the change, and from 250 ms after it the clicks of B are heard on all
+three within Web Audio's steady bounds as heard (``test_audible``: p95 under
+5 ms, every click under 10 ms). A change with a PulseAudio underrun near it (the machine
+starved an output: a gap no page can prevent) is taken again, once; if that
+one is starved too and nothing else was wrong, the test cannot judge (xfail).
+
+The ``<audio>`` engine does not meet this yet, and is measured, not held to
+it (``just bench-audible`` reports its change glitch): its pages start the
+next track 10-25 ms apart and 2-25 ms of silence is heard at the change, then
+rate trims bring them within 5 ms in 1-1.5 s. A ``play()`` starts on the
+output's buffer grid (1024 frames, 21 ms at 48 kHz), and timing the call by a
+start latency measured on the spare's silent warm-up did not narrow the spread
+in the runs tried; see docs/sync.md, "Queue changes".
+
+    pytest tests/browser/test_heard_change.py -s     # prints what was heard
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from . import heard_change, pulse
+from .conftest import DelayProxy, ServerProcess, percentile, serving
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not pulse.available(), reason="needs pulseaudio and pulseaudio-utils (just setup)"
+    ),
+]
+
+BROWSERS = 3
+AFTER_P95_MS = 5.0  # test_audible's Web Audio bounds, as heard
+AFTER_MAX_MS = 10.0
+MIN_CLICKS = 9  # of the 12 clicks of B from 250 ms to 3 s
+ATTEMPTS = 2
+
+
+@pytest.fixture(scope="module")
+def pulse_server() -> Iterator[pulse.PulseServer]:
+    with pulse.PulseServer(BROWSERS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def change_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    media = tmp_path_factory.mktemp("change-media")
+    heard_change.write_tracks(media)
+    with serving(media) as srv:
+        yield srv
+
+
+@pytest.fixture
+def change_proxy(change_server: ServerProcess) -> Iterator[DelayProxy]:
+    with DelayProxy(change_server.port) as p:
+        yield p
+
+
+def _problems(r: heard_change.ChangeResult) -> list[str]:
+    s = r.summary()
+    out = []
+    if any(r.gaps_ms):
+        out.append(f"silent gaps {s['gaps']} (longest {s['longest_gap_ms']} ms)")
+    if s["clicks"] < MIN_CLICKS:
+        out.append(f"only {s['clicks']} clicks of B heard on every channel")
+    elif percentile(r.after_ms, 0.95) >= AFTER_P95_MS or max(r.after_ms) >= AFTER_MAX_MS:
+        p95 = percentile(r.after_ms, 0.95)
+        out.append(f"from 250 ms on, spread p95 {p95:.2f} max {s['after_max_ms']} ms")
+    return out
+
+
+@pytest.mark.parametrize("engine", ["webaudio"])
+def test_the_next_track_is_heard_together_without_a_gap(
+    playwright: Any,
+    pulse_server: pulse.PulseServer,
+    change_server: ServerProcess,
+    change_proxy: DelayProxy,
+    engine: str,
+) -> None:
+    ws_base = change_server.url.replace("http://", "ws://")
+    for _ in range(ATTEMPTS):
+        r = heard_change.run_change(playwright, pulse_server, change_proxy, ws_base, engine)
+        print("\n" + r.table())
+        problems = _problems(r)
+        if not r.underruns:
+            break
+    if problems and r.underruns:
+        pytest.xfail(f"could not judge, the audio output was starved: {r.table()}")
+    assert not problems, f"{engine}: {'; '.join(problems)}\n{r.table()}"
