@@ -45,8 +45,6 @@ def close_all(pages: list[Any]) -> None:
         page.context.close()
 
 
-@pytest.mark.browser
-@pytest.mark.parametrize("engine", ["webaudio", "element"])
 def playing_past(pages: list[Any], position_s: float) -> bool:
     """Every page plays, with a valid reading at or past ``position_s``.
 
@@ -58,6 +56,8 @@ def playing_past(pages: list[Any], position_s: float) -> bool:
     return all(s and s.get("valid") and s["position"] >= position_s for s in samples)
 
 
+@pytest.mark.browser
+@pytest.mark.parametrize("engine", ["webaudio", "element"])
 def test_three_skewed_clients_stay_together(browser: Any, proxy: DelayProxy, engine: str) -> None:
     bounds = BOUNDS[engine]
     _, pages = open_room(browser, proxy, engine)
