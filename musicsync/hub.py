@@ -543,8 +543,8 @@ class Hub:
     def _capture(entry: RoomEntry) -> tuple[int, dict[str, Any]]:
         room = entry.room
         entry.captured_revision = room.revision
-        # The writer thread encodes it while the loop goes on: copy the nested
-        # dicts the room keeps using (snapshot() shares its ban table).
+        # The writer thread encodes it while the loop goes on (the room's parts
+        # hand out fresh containers; this shallow copy of the top is a guard).
         snapshot = {k: dict(v) if isinstance(v, dict) else v for k, v in room.snapshot().items()}
         return room.version, snapshot
 

@@ -23,7 +23,7 @@ from .audible import SKEWS_MS, TRACE_DRAIN_JS, launch_listener, open_traced_page
 from .conftest import DelayProxy, percentile, probe, wait_for
 from .heard_join import boosted
 from .sync_scenario import room_url, wait_clocks
-from .test_queue_sync import HostSocket
+from .test_queue_sync import HostSocket, queue_a_then_b
 
 TRACK_A = "heard-a.wav"
 TRACK_B = "heard-b.wav"
@@ -155,19 +155,7 @@ def run_change(
                     for i, b in enumerate(browsers)
                 ]
                 wait_clocks(pages, timeout=wait_s)
-                host.send("queue_add", url=a_url, title="A", duration=float(A_SECONDS))
-                host.send("queue_add", url=b_url, title="B", duration=float(B_SECONDS))
-
-                def queued() -> bool:
-                    for page in pages:
-                        room_state = (probe(page) or {}).get("room") or {}
-                        track = room_state.get("track") or {}
-                        q = room_state.get("queue") or []
-                        if track.get("url") != a_url or [x["url"] for x in q] != [b_url]:
-                            return False
-                    return True
-
-                wait_for(queued, wait_s, what="A current and B queued on every page")
+                queue_a_then_b(host, pages, (a_url, A_SECONDS), (b_url, B_SECONDS), wait_s)
                 time.sleep(1.0)  # the pages fetch A (and B, once announced)
                 host.send("play", position=A_SECONDS - PLAY_FROM_END_S)
                 b_state = wait_for(

@@ -198,6 +198,31 @@ class HostSocket:
         return None
 
 
+def queue_a_then_b(
+    host: HostSocket,
+    pages: list[Any],
+    a: tuple[str, float],
+    b: tuple[str, float],
+    timeout: float,
+) -> None:
+    """The host queues A (into the empty room: it becomes current) then B; wait
+    until every page has A current and B queued."""
+    (a_url, a_seconds), (b_url, b_seconds) = a, b
+    host.send("queue_add", url=a_url, title="A", duration=float(a_seconds))
+    host.send("queue_add", url=b_url, title="B", duration=float(b_seconds))
+
+    def queued() -> bool:
+        for page in pages:
+            room_state = (probe(page) or {}).get("room") or {}
+            track = room_state.get("track") or {}
+            q = room_state.get("queue") or []
+            if track.get("url") != a_url or [x["url"] for x in q] != [b_url]:
+                return False
+        return True
+
+    wait_for(queued, timeout, what="A current and B queued on every page")
+
+
 @dataclass
 class Change:
     """Readings after B's start_at: per round, each page's (position - true time)."""
@@ -359,19 +384,7 @@ def test_next_track_starts_together_on_three_pages(
             for page in pages:
                 assert probe(page)["engine"] == engine
 
-            host.send("queue_add", url=a_url, title="A", duration=float(A_SECONDS))
-            host.send("queue_add", url=b_url, title="B", duration=float(B_SECONDS))
-
-            def queued() -> bool:
-                for page in pages:
-                    room_state = (probe(page) or {}).get("room") or {}
-                    track = room_state.get("track") or {}
-                    q = room_state.get("queue") or []
-                    if track.get("url") != a_url or [x["url"] for x in q] != [b_url]:
-                        return False
-                return True
-
-            wait_for(queued, 10, what="A current and B queued on every page")
+            queue_a_then_b(host, pages, (a_url, A_SECONDS), (b_url, B_SECONDS), 10)
             time.sleep(1.0)  # let the pages fetch and decode A and B
 
             host.send("play", position=A_SECONDS - PLAY_FROM_END_S)
