@@ -318,7 +318,7 @@ class HubStats:
     messages_out: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     closes: Counter[int] = field(default_factory=Counter)
-    coalesced_states: int = 0
+    coalesced_states: int = 0  # of clients that left (``Hub.coalesced_states`` adds the others)
 
 
 class Hub:
@@ -351,11 +351,11 @@ class Hub:
         self.per_ip: Counter[str] = Counter()
         self._password_buckets: dict[str, TokenBucket] = {}
         self.stats = HubStats()
-        self.metrics = Metrics(self)
         self.closing = False
         # Big rooms' broadcasts share their sends with these threads (run()
         # starts them); until then, and after, the loop sends alone.
         self.senders = SenderPool(0)
+        self.metrics = Metrics(self)  # last: registering it reads the hub once
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the room writer, the rooms' timer and the heartbeat sweep until ``close``."""
@@ -396,6 +396,11 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return sum(self.per_ip.values())
+
+    def coalesced_states(self) -> int:
+        """States replaced in a full socket's outbox by a newer one, since start."""
+        live = sum(c.outbox.coalesced for e in self.rooms.values() for c in e.clients.values())
+        return self.stats.coalesced_states + live
 
     def password_attempt_allowed(self, ip: str) -> bool:
         if len(self._password_buckets) > MAX_TRACKED_ADDRESSES:
@@ -618,6 +623,7 @@ class Hub:
         return participant.role in PLAYBACK_ROLES or entry.room.settings.listeners_may_upload
 
     def leave(self, room_name: str, client: Client) -> None:
+        self.stats.coalesced_states += client.outbox.coalesced
         self.per_ip[client.ip] -= 1
         if self.per_ip[client.ip] <= 0:
             del self.per_ip[client.ip]

@@ -75,9 +75,57 @@ class HubCollector(Collector):
         for close_code, n in sorted(stats.closes.items()):
             closes.add_metric([str(close_code)], n)
         yield closes
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_states_coalesced",
+            "States a slow client's outbox replaced by a newer one before sending",
+            value=hub.coalesced_states(),
+        )
+        yield from self._senders()
+        yield from self._writer()
         info = GaugeMetricFamily(f"{NAMESPACE}_build_info", "Version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+    def _senders(self) -> Iterator[Metric]:
+        pool = self.hub.senders
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_sender_threads",
+            "Threads sharing big rooms' broadcasts with the event loop (0: the loop alone)",
+            value=pool.threads,
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_shared_broadcasts",
+            "Broadcasts whose sends the sender threads shared",
+            value=pool.parallel_sends,
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_shared_broadcast_misses",
+            "Sockets in shared broadcasts that did not take the whole frame at once"
+            " (their writers finished the send or queued it)",
+            value=pool.parallel_misses,
+        )
+
+    def _writer(self) -> Iterator[Metric]:
+        writer = self.hub.writer
+        if writer is None:  # rooms in Redis (--redis): no local database writer
+            return
+        stats = writer.stats
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_db_batches",
+            "Batches the room writer ran (failed ones included)",
+            value=stats.batches,
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_db_rows",
+            "Room snapshots in those batches (one per room per batch: a newer one"
+            " replaces a queued one)",
+            value=stats.rows,
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_db_failures",
+            "Batches the database refused (their rooms stay unacknowledged)",
+            value=stats.failures,
+        )
 
 
 class Metrics:

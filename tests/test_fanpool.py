@@ -240,6 +240,8 @@ async def test_a_stalled_listener_in_a_pooled_room_is_queued_then_dropped(tmp_pa
                         await listener.send("ping", t0=0)
                         await trio.sleep(0.1)
                 assert server.hub.senders.parallel_misses > 0  # its socket, through the pool
+                # its outbox kept only the newest of the states its full socket could not take
+                assert server.hub.coalesced_states() > 0
                 await host.send("play", position=1)
                 assert (await listener.expect_state(paused=False))["position"] == 1
         finally:

@@ -67,6 +67,29 @@ async def test_metrics_count_connections_rooms_messages_and_errors(server: Serve
     assert sample(text, "musicsync_connections_accepted_total") == 2
 
 
+async def test_metrics_show_the_sender_pool_and_the_room_writer(server: Server) -> None:
+    hub = server.hub
+    hub.senders.min_sockets = 2  # every broadcast to 2 sockets or more is shared
+    async with connect(server, name="H") as host, connect(server, name="L") as listener:
+        before = await scrape(server)
+        assert sample(before, "musicsync_sender_threads") == hub.senders.threads
+        await host.send("set_track", url=TRACK)
+        await listener.expect_state(version=1)
+        text = await scrape(server)
+        shared = sample(text, "musicsync_shared_broadcasts_total") - sample(
+            before, "musicsync_shared_broadcasts_total"
+        )
+        # the state (and any presence news) went to both through the threads;
+        # with one core there are none, and the loop sends alone
+        assert shared >= 1 if hub.senders.threads else shared == 0
+        assert sample(text, "musicsync_shared_broadcast_misses_total") >= 0
+        assert sample(text, "musicsync_states_coalesced_total") == 0  # every socket took it
+        # the change was durable before it was broadcast: its row is counted
+        assert sample(text, "musicsync_db_rows_total") > sample(before, "musicsync_db_rows_total")
+        assert sample(text, "musicsync_db_batches_total") >= 1
+        assert sample(text, "musicsync_db_failures_total") == 0
+
+
 async def test_broadcast_latency_is_observed_per_state_frame_sent(server: Server) -> None:
     async with connect(server, name="H") as host, connect(server, name="L") as listener:
         before = sample(await scrape(server), "musicsync_broadcast_latency_seconds_count")
