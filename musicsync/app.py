@@ -111,7 +111,9 @@ def create_app(settings: Settings | None = None, data_lock: DataDirLock | None =
     @app.before_serving
     async def startup() -> None:
         configure_logging(settings.log_level, settings.log_format, replace=False)
-        if data_lock is None:  # raises DataDirBusy: Hypercorn reports it and exits
+        # Raises DataDirBusy: Hypercorn reports it and exits. With --redis the rooms
+        # live in Redis and the directory holds nothing of ours: nothing to lock.
+        if data_lock is None and settings.redis is None:
             state["lock"] = await trio.to_thread.run_sync(DataDirLock.acquire, settings.data_dir)
         settings.media_dir.mkdir(parents=True, exist_ok=True)
         if settings.demo_tracks:

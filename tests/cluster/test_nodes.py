@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import ConnectionClosed
 
-from tests.cluster.conftest import Cluster, connect
-from tests.conftest import open_ws
+from musicsync.app import create_app
+from musicsync.datalock import LOCK_FILENAME
+from tests.cluster.conftest import Cluster, RedisServer, connect
+from tests.conftest import Peer, make_settings, open_ws
 
 TRACK = "https://example.com/a.mp3"
 
@@ -133,3 +138,31 @@ async def test_two_nodes_on_one_machine_may_share_the_data_directory(
         await host.send("volume", volume=0.3)
         assert (await lis.expect_state(volume=0.3))["volume"] == 0.3
     assert not (shared / "rooms.sqlite3").exists()
+
+
+async def test_apps_under_hypercorn_with_redis_may_share_the_data_directory(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``hypercorn -k trio musicsync.app:app`` takes the lock in the app: not with --redis."""
+    settings = make_settings(tmp_path, redis=redis_server.url)
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bases = [
+            await nursery.start(
+                partial(
+                    hypercorn_serve, create_app(settings), config, shutdown_trigger=shutdown.wait
+                )
+            )
+            for _ in range(2)
+        ]
+        assert not (settings.data_dir / LOCK_FILENAME).exists()
+        a, b = (base[0].replace("http://", "ws://", 1) for base in bases)
+        async with open_ws(f"{a}/ws/main?name=host") as h, open_ws(f"{b}/ws/main?name=lis") as li:
+            host, lis = Peer(h), Peer(li)
+            await host.expect("welcome")
+            await lis.expect("welcome")
+            await host.send("volume", volume=0.3)
+            assert (await lis.expect_state(volume=0.3))["volume"] == 0.3
+        shutdown.set()
