@@ -30,6 +30,9 @@ CALIBRATION_PREPARE_MS = 2500.0
 CALIBRATION_RESULT_GRACE_MS = 60_000.0
 # Tick mode: every device ticks at each multiple of this period of server time.
 TICK_PERIOD_MS = 1000.0
+# Tick mode ends by itself this long after it was turned on (the page's
+# TICK_MODE_MAX_MS): a page that joins later ticks only until then.
+TICK_MODE_MAX_MS = 10 * 60_000.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .access import hash_token
-from .calibration import CALIBRATION_PREPARE_MS, TICK_PERIOD_MS, Calibration, schedule
+from .calibration import (
+    CALIBRATION_PREPARE_MS,
+    TICK_MODE_MAX_MS,
+    TICK_PERIOD_MS,
+    Calibration,
+    schedule,
+)
 from .effects import (
     CLOSE_KICKED,
     BroadcastPresence,
@@ -292,6 +298,7 @@ class Room:
         "playback",
         "playqueue",
         "seats",
+        "ticks",
         "version",
     )
 
@@ -312,6 +319,9 @@ class Room:
         self._rng = rng or random.Random()
         # The open calibration (calibration.py): only its measuring device may answer.
         self.calibration: Calibration | None = None
+        # Tick mode while on: the ``ticks`` payload and the server time it ends
+        # (a page that joins meanwhile gets it in its welcome).
+        self.ticks: tuple[dict[str, Any], float] | None = None
         self._calibration_rev = 0
         # Changes the whole room may take, whoever sends them: every connection has
         # its own budget, but many co-hosts of one room must not flood its fan-out.
@@ -471,6 +481,7 @@ class Room:
             "seats": self.seats.to_dict(),
             "gate": self.gate.to_dict(),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "ticks": None if self.ticks is None else {**self.ticks[0], "until": self.ticks[1]},
         }
 
     @classmethod
@@ -492,6 +503,10 @@ class Room:
         room.gate = Gate.from_dict(snap["gate"])
         cal = snap.get("calibration")  # absent in snapshots from before calibration
         room.calibration = None if cal is None else Calibration.from_dict(cal)
+        ticks = snap.get("ticks")  # absent in snapshots from before tick mode was kept
+        if ticks is not None:
+            payload = {"on": True, "by": str(ticks["by"]), "period_ms": float(ticks["period_ms"])}
+            room.ticks = (payload, float(ticks["until"]))
         return room
 
     def carry_over(self, older: Room) -> None:
@@ -548,8 +563,15 @@ class Room:
             "participant_count": len(self.seats.participants),
             "server_time": now,
             "lead_ms": self.lead_ms(),
+            "ticks": self._ticks_now(now),
         }
         return Reply(p.id, "welcome", welcome)
+
+    def _ticks_now(self, now: float) -> dict[str, Any] | None:
+        """The ``ticks`` payload while tick mode is on (it ends by itself)."""
+        if self.ticks is None or now >= self.ticks[1]:
+            return None
+        return self.ticks[0]
 
     # -- time ----------------------------------------------------------------------------
 
@@ -789,6 +811,8 @@ class Room:
     def _tick_mode(self, sender: Participant, msg: TickMode, now: float) -> list[Effect]:
         """Every device ticks together (or stops): one payload to everyone in the room."""
         payload = {"on": msg.on, "by": sender.id, "period_ms": TICK_PERIOD_MS}
+        self.ticks = (payload, now + TICK_MODE_MAX_MS) if msg.on else None
+        self._calibration_rev += 1  # kept: a page that joins while it is on ticks too
         return [Reply(pid, "ticks", payload) for pid in self.seats.participants]
 
 

@@ -12,6 +12,7 @@ from musicsync.calibration import (
     CALIBRATION_PREPARE_MS,
     CALIBRATION_RESULT_GRACE_MS,
     CALIBRATION_SLOT_MS,
+    TICK_MODE_MAX_MS,
     TICK_PERIOD_MS,
 )
 from musicsync.protocol import (
@@ -240,6 +241,32 @@ def test_tick_mode_reaches_everyone_with_one_payload() -> None:
     assert [e.to for e in effects if isinstance(e, Reply)] == ["h", "c", "a", "b"]
     assert {id(e.payload) for e in effects if isinstance(e, Reply)} == {id(effects[0].payload)}
     assert effects[0] == Reply("h", "ticks", {"on": True, "by": "c", "period_ms": TICK_PERIOD_MS})
+    assert (room.revision, room.version) == (revision + 1, version)  # kept; not a state
     off = room.handle("h", TickMode(on=False), T0)
     assert off[0].payload["on"] is False
-    assert (room.revision, room.version) == (revision, version)  # nothing durable changed
+    assert (room.revision, room.version) == (revision + 2, version)
+
+
+def welcome_ticks(room: Room, pid: str, now: float) -> object:
+    (reply,) = room.join(pid, pid.upper(), now)
+    assert isinstance(reply, Reply) and reply.kind == "welcome"
+    return reply.payload["ticks"]
+
+
+def test_a_page_that_joins_while_ticks_are_on_ticks_too_until_they_end() -> None:
+    room = room_of("h", "a")
+    assert welcome_ticks(room, "b", T0) is None
+    (on, *_) = room.handle("h", TickMode(on=True), T0)
+    assert welcome_ticks(room, "c", T0 + 1000) == on.payload
+    # kept across a restart (the value SQLite and Redis hold)
+    restored = Room.restore("r", json.loads(json.dumps(room.snapshot())), T0 + 2000)
+    assert restored.snapshot() == room.snapshot()
+    assert welcome_ticks(restored, "d", T0 + 2000) == on.payload
+    # it ends by itself, as the pages that heard it stop by themselves
+    assert welcome_ticks(room, "e", T0 + TICK_MODE_MAX_MS) is None
+    room.handle("h", TickMode(on=True), T0)
+    room.handle("h", TickMode(on=False), T0 + 5)
+    assert welcome_ticks(room, "f", T0 + 10) is None
+    older = room.snapshot()
+    del older["ticks"]  # a snapshot from before tick mode was kept
+    assert Room.restore("r", older, T0).ticks is None

@@ -86,9 +86,13 @@ async def test_tick_mode_reaches_everyone(server: Server) -> None:
         want = {"type": "ticks", "on": True, "by": cohost.id, "period_ms": TICK_PERIOD_MS}
         for peer in (host, cohost, ann):
             assert await peer.expect("ticks") == want
+        async with connect(server, name="Late") as late:  # joins while they tick
+            assert {"type": "ticks", **late.welcome["ticks"]} == want
         await host.send("tick_mode", on=False)
         for peer in (host, cohost, ann):
             assert (await peer.expect("ticks"))["on"] is False
+        async with connect(server, name="Later") as later:
+            assert later.welcome["ticks"] is None
 
 
 async def test_bad_calibration_messages_are_refused_and_the_room_carries_on(

@@ -118,6 +118,7 @@ def test_welcome_carries_you_room_participants_time_and_lead() -> None:
         "participant_count": 2,
         "server_time": T0 + 123.5,
         "lead_ms": MIN_LEAD_MS,
+        "ticks": None,
     }
 
 

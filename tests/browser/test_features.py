@@ -354,6 +354,22 @@ def test_host_removes_a_participant(pages: Pages) -> None:
     assert victim.locator("#conn-text").inner_text() == "Disconnected"
 
 
+@pytest.mark.browser
+def test_a_page_that_joins_in_tick_mode_ticks_too(pages: Pages) -> None:
+    room = new_room("t")
+    host = pages.open(f"/r/{room}", "Ada")
+    toggle = host.locator("#tick-toggle")
+    toggle.click()
+    wait_for(lambda: toggle.get_attribute("aria-pressed") == "true", 5, what="tick mode on")
+    late = pages.open(f"/r/{room}", "Lee")  # joins while every page ticks
+    wait_for(
+        lambda: "Tick mode" in late.locator("#calib-note").inner_text(), 5, what="late page ticks"
+    )
+    toggle.click()
+    wait_for(lambda: late.locator("#calib-note").is_hidden(), 5, what="tick mode off")
+    assert toggle.get_attribute("aria-pressed") == "false"
+
+
 # -- upload and share ----------------------------------------------------------
 
 
