@@ -136,29 +136,29 @@ def test_dashboard_sees_the_listeners_and_sets_one_offset_remotely(
             r"\d+ in the room · 3 reporting", host.locator("#health-summary").inner_text()
         )
 
-        # the host sets Bob's offset from the dashboard
+        # the host sets Bob's offset from the dashboard, to a tenth of a ms
         ann_id = next(r["id"] for r in dashboard_rows(host) if r["name"] == LONG_NAME)
         offset_field = row_of(host, "Bob").locator("input.offset")
-        offset_field.fill("170")
+        offset_field.fill("170.4")
         offset_field.press("Enter")
         row_of(host, "Bob").get_by_role("button", name="Increase this device's offset").click()
         wait_for(
-            lambda: bob.evaluate(f"localStorage.getItem('{OFFSET_KEY}')") == "180",
+            lambda: bob.evaluate(f"localStorage.getItem('{OFFSET_KEY}')") == "180.4",
             10,
-            what="Bob's page applied and stored 180 ms",
+            what="Bob's page applied and stored 180.4 ms",
         )
-        assert bob.locator("#lat-value").inner_text() == "180 ms"
+        assert bob.locator("#lat-value").inner_text() == "180.4 ms"
         wait_for(
-            lambda: any(m.get("latency_offset_ms") == 180 for m in bob_traffic.sent_of("report")),
+            lambda: any(m.get("latency_offset_ms") == 180.4 for m in bob_traffic.sent_of("report")),
             10,
             what="Bob's report carries the offset",
         )
         wait_for(
-            lambda: row_of(host, "Bob").locator("input.offset").input_value() == "180",
+            lambda: row_of(host, "Bob").locator("input.offset").input_value() == "180.4",
             10,
             what="the dashboard shows the reported offset",
         )
-        # Bob plays 180 ms earlier than the room, and settles there
+        # Bob plays 180.4 ms earlier than the room, and settles there
         wait_for(
             lambda: abs((probe(bob) or {}).get("drift", 99.0)) < 2.0,
             15,
@@ -189,9 +189,9 @@ def test_dashboard_sees_the_listeners_and_sets_one_offset_remotely(
         bob_traffic.sent.clear()
         bob.reload()
         wait_for(lambda: (probe(bob) or {}).get("role"), 10, what="Bob rejoined")
-        assert bob.locator("#lat-value").inner_text() == "180 ms"
+        assert bob.locator("#lat-value").inner_text() == "180.4 ms"
         wait_for(
-            lambda: any(m.get("latency_offset_ms") == 180 for m in bob_traffic.sent_of("report")),
+            lambda: any(m.get("latency_offset_ms") == 180.4 for m in bob_traffic.sent_of("report")),
             10,
             what="the reloaded page reports the stored offset",
         )

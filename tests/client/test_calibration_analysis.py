@@ -39,12 +39,13 @@ def test_known_delays_are_found_and_a_silent_device_is_rejected() -> None:
         assert m[pid]["reason"] is None
     assert m["d"]["delay_ms"] is None and m["d"]["rounds"] == 0
     assert m["d"]["reason"].startswith("0 of 3 rounds heard (round 1: no clear peak")
-    # proposals: a was heard first and keeps 0; b (already at 10) gets 10 + 40.04
+    # proposals, to a tenth of a ms: a was heard first and keeps 0; b (already at
+    # 10) gets 10 + 40.04; c is 200.41 ms late
     rows = {row["id"]: row for row in r["proposal"]["rows"]}
     assert r["proposal"]["reference"] == "a"
     assert rows["a"]["proposed"] == 0
-    assert rows["b"]["proposed"] == 50 and rows["b"]["late"] == pytest.approx(40.04, abs=0.05)
-    assert rows["c"]["proposed"] == 200
+    assert rows["b"]["proposed"] == 50.0 and rows["b"]["late"] == pytest.approx(40.04, abs=0.05)
+    assert rows["c"]["proposed"] == 200.4
     assert rows["d"]["ok"] is False and "no clear peak" in rows["d"]["reason"]
     # the recording's clock: a least-squares line through (context time, server time)
     assert r["line"]["msPerSecond"] == pytest.approx(1000.04)
