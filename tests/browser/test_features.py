@@ -365,9 +365,18 @@ def test_a_page_that_joins_in_tick_mode_ticks_too(pages: Pages) -> None:
     wait_for(
         lambda: "Tick mode" in late.locator("#calib-note").inner_text(), 5, what="late page ticks"
     )
+    # the music is off while the ticks play, and the Mute button says why
+    mute = late.locator("#mute")
+    wait_for(lambda: mute.inner_text() == "Muted: calibrating", 5, what="the mute label")
+    assert mute.is_disabled()
+    late.set_viewport_size({"width": 390, "height": 844})
+    late.screenshot(path=str(screenshot_dir() / "features-ticks-listener-phone.png"))
     toggle.click()
     wait_for(lambda: late.locator("#calib-note").is_hidden(), 5, what="tick mode off")
     assert toggle.get_attribute("aria-pressed") == "false"
+    wait_for(lambda: mute.inner_text() == "Mute", 5, what="the music back")
+    assert mute.is_enabled()
+    assert late.evaluate("localStorage.getItem('musicsync.muted')") in (None, "false")
 
 
 # -- upload and share ----------------------------------------------------------
