@@ -16,6 +16,7 @@ from tests.conftest import Peer, open_ws
 CLOSE_UNAVAILABLE = 1013
 # Redis restarts and the nodes' subscribers reconnect (backoff up to 5 s).
 BACK_WITHIN = 30.0
+PING_EVERY = 5.0  # as the page's heartbeat (the nodes drop a client silent for 30 s)
 
 
 async def refused(node: Node, name: str) -> tuple[dict[str, Any], int]:
@@ -29,8 +30,13 @@ async def refused(node: Node, name: str) -> tuple[dict[str, Any], int]:
 
 
 async def collect(peer: Peer, into: list[dict[str, Any]], done: trio.Event, bell: Bell) -> None:
-    """Every presence the peer gets until ``done``."""
+    """Every presence the peer gets until ``done``; it pings as a page does (the
+    test outlasts the heartbeat timeout on a loaded machine: Redis down, then back)."""
+    next_ping = trio.current_time()
     while not done.is_set():
+        if trio.current_time() >= next_ping:
+            await peer.send("ping", t0=0)
+            next_ping = trio.current_time() + PING_EVERY
         with trio.move_on_after(0.1):
             msg = await peer.recv()
             if msg["type"] == "presence":
