@@ -5,6 +5,8 @@
 // the |clock error| percentiles over many seeds at times after the first ping.
 //
 // usage: node join_clock_sim.mjs INDEX_HTML '{"lo":20,"hi":80,"at":[1000,1500]}'
+// ("inorder": false delivers every message after its own delay alone: what the
+// same jitter would allow without a TCP connection's head-of-line blocking)
 import { readFileSync } from "node:fs";
 
 const SECTION = "// ---------------------------------------------------------------- ";
@@ -16,7 +18,7 @@ const page = new Function(`${html.slice(start, end)}
 return { createClockSync, PING_BURST_COUNT, PING_BURST_SPACING_MS, PING_WARMUP_SAMPLES, PING_WARMUP_INTERVAL_MS };`)();
 
 const cfg = {
-  seeds: 400, lo: 20, hi: 80, at: [500, 1000, 1500, 2000, 3000],
+  seeds: 400, lo: 20, hi: 80, at: [500, 1000, 1500, 2000, 3000], inorder: true,
   burst: page.PING_BURST_COUNT, spacing: page.PING_BURST_SPACING_MS,
   ...JSON.parse(process.argv[3] || "{}"),
 };
@@ -38,8 +40,10 @@ for (let seed = 1; seed <= cfg.seeds; seed++) {
   const pongs = [];
   let up = 0, down = 0;
   for (let t = 0, n = 1; t < last; t += gapAfter(n), n += 1) {
-    up = Math.max(t + delay(), up);                  // in order: never before the one before
-    down = Math.max(up + 0.1 + delay(), down);
+    const arrive = t + delay();
+    up = cfg.inorder ? Math.max(arrive, up) : arrive;  // in order: never before the one before
+    const back = up + 0.1 + delay();
+    down = cfg.inorder ? Math.max(back, down) : back;
     pongs.push({ t0: local(t), t1: up + offset, t2: up + 0.1 + offset, t3: local(down), back: down });
   }
   pongs.sort((a, b) => a.back - b.back);
