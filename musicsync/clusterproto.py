@@ -474,17 +474,21 @@ def replica(
     room.playqueue.adopt_rev(queue_rev)
     if carry is not None:
         room.carry_over(carry)
+        # Once per change for every listener connected here (a crowd's are
+        # not in the value): the lookups are taken out of the loop.
+        carried, seated, held_hashes = carry.participants, room.participants, seats.held
+        seat_only_here = seats.seat_only_here
         for pid in local:
-            mine = carry.participants.get(pid)
+            mine = carried.get(pid)
             if mine is None:
                 continue
-            if pid not in room.participants and (
-                mine.token_hash is None or mine.token_hash not in seats.held
+            if pid not in seated and (
+                mine.token_hash is None or mine.token_hash not in held_hashes
             ):
                 if mine.role != LISTENER:  # a role from a change that was not committed
                     mine = dataclasses.replace(mine, role=LISTENER)
-                seats.seat_only_here(mine)
-            elif pid in room.participants:  # what its own reports said last, here
+                seat_only_here(mine)
+            elif pid in seated:  # what its own reports said last, here
                 if mine.rtt_ms is not None:
                     room.note_rtt(pid, mine.rtt_ms)
                 room.note_latency_offset(pid, mine.latency_offset_ms)
