@@ -190,8 +190,11 @@ def measure(args: argparse.Namespace, workdir: Path, redis_url: str, n: int) -> 
         servers += [a, b]
         a.start()
         b.start()
-        la = bf.Load(1, a.port, ROOM)
-        lb = bf.Load(1, b.port, ROOM)
+        # A room of its own per size: the last size's room is still in Redis
+        # (its host's seat held), and a host joining it would not be host.
+        room = f"{ROOM}-{n}"
+        la = bf.Load(1, a.port, room)
+        lb = bf.Load(1, b.port, room)
         loads += [la, lb]
         v0 = host_with_track(la)
         row["cluster_seated"] = seat([la, lb], n, args.batch, args.seat_budget)
