@@ -503,7 +503,9 @@ class Client:
         host = self.host
         sends: list[float] = []
         before = host.version
-        start = clock()
+        # "at": a CLOCK_MONOTONIC start shared with other load processes (the
+        # same moments for hosts in separate processes); else now.
+        start = max(float(cmd.get("at", 0.0)), clock())
         for i, msg in enumerate(msgs):
             at = start + i * interval
             while (left := at - clock()) > 0:

@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import secrets
 import sys
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +69,7 @@ from .clusterproto import (
     for_other_nodes,
     live_elsewhere,
     live_on,
+    message_head,
     nodes_in,
     order,
     replica,
@@ -100,9 +100,6 @@ POLL_PENDING_SECONDS = 0.01
 CLOSE_UNAVAILABLE = 1013
 UNAVAILABLE = "unavailable"
 UNAVAILABLE_MESSAGE = "the room's shared store is unreachable; try again in a moment"
-# Room names are short and plain (urls.is_valid_room_name), so the room a
-# message is for can be read from its head before the whole JSON is parsed.
-_ROOM_HEAD = re.compile(r'^\{"room":"([^"\\]{1,200})"')
 
 Op = Callable[[Room, float], list[Effect]]
 
@@ -145,6 +142,18 @@ async def probe(url: str) -> str | None:
             exc = exc.exceptions[0]
         return f"cannot reach Redis at {shown}: {exc or type(exc).__name__}"
     return None
+
+
+class _Here:
+    """The participants connected to this node, and those this change welcomes
+    (asked about a few ids per commit: no copy of a crowd's client table)."""
+
+    def __init__(self, clients: Container[str], welcomed: set[str]) -> None:
+        self.clients = clients
+        self.welcomed = welcomed
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self.welcomed or pid in self.clients
 
 
 @dataclass(eq=False)
@@ -198,8 +207,17 @@ class RoomPipe:
         return op.done
 
     def receive(self, msg: Message) -> None:
+        """Another node's change (or a value read again): taken in order with ours.
+
+        An idle pipe takes it at once, in the caller's task (the subscriber):
+        the fan-out starts without waiting for a task to be scheduled. A busy
+        one finds it in its inbox before its next step.
+        """
         self.inbox.append(msg)
         self.arrived.set()
+        if not self.running and not self.ops:
+            self._take_inbox()
+            return
         self._kick()
 
     def _kick(self) -> None:
@@ -369,8 +387,9 @@ class RoomPipe:
         lost; (rev, None) if another node has the room's turn; else (rev, value)
         of the commit that came first (and the turn is this node's)."""
         backend, entry = self.backend, self.entry
-        local = set(entry.clients)
-        local.update(e.to for e in effects if isinstance(e, Reply) and e.kind == "welcome")
+        local = _Here(
+            entry.clients, {e.to for e in effects if isinstance(e, Reply) and e.kind == "welcome"}
+        )
         value = capture(entry.room, backend.node, self.value, local)
         value_json = encode_value(value)
         message = encode_commit(
@@ -571,9 +590,14 @@ class RedisBackend:
         if not isinstance(data, (str, bytes)):
             return
         text = data.decode() if isinstance(data, bytes) else data
-        head = _ROOM_HEAD.match(text)
-        if head is not None and head.group(1) not in self.pipes:
-            return  # not a room of ours: not even parsed
+        head = message_head(text)
+        if head is not None:
+            room, rev = head
+            pipe = self.pipes.get(room)
+            if pipe is None:
+                return  # not a room of ours: not even parsed
+            if rev is not None and rev <= pipe.rev and not pipe.inbox:
+                return  # known already (this node's own commit, echoed): not parsed either
         try:
             msg = decode_message(text)
         except BadValue as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -315,6 +316,23 @@ def encode_closed(room: str, node: str) -> str:
     return json.dumps({"room": room, "node": node, "rev": None, "fx": [], "closed": True})
 
 
+# Room names are short and plain (urls.is_valid_room_name), so the room a
+# message is for, and a commit's revision, can be read from its head (as the
+# encoders above write it) before the whole JSON is parsed.
+_HEAD = re.compile(r'^\{"room":"([^"\\]{1,200})"(?:,"node":"[^"\\]*","rev":(\d{1,18})[,}])?')
+
+
+def message_head(text: str) -> tuple[str, int | None] | None:
+    """The room a message is for and, for a commit, its revision (None for
+    effects, health or anything else); None if the head is not in the form
+    the encoders write (then parse the whole message)."""
+    head = _HEAD.match(text)
+    if head is None:
+        return None
+    rev = head.group(2)
+    return head.group(1), None if rev is None else int(rev)
+
+
 def decode_message(data: str | bytes) -> Message:
     try:
         raw = json.loads(data)
@@ -338,29 +356,32 @@ def decode_message(data: str | bytes) -> Message:
 
 
 def capture(
-    room: Room, node: str, previous: Mapping[str, Any] | None, local: Iterable[str]
+    room: Room, node: str, previous: Mapping[str, Any] | None, local: Container[str]
 ) -> dict[str, Any]:
     """The shared value of ``room`` as this node sees it after a change.
 
     ``previous`` is the value the change was applied to (None for a new room);
-    ``local`` the participants connected to this node. A seated participant is
-    live on this node if connected here, else where the previous value said.
+    ``local`` the participants connected to this node (only asked about the
+    snapshot's seats, so a crowd's listeners cost nothing: no copy, no pass
+    over them before every commit). A seated participant is live on this node
+    if connected here, else where the previous value said.
     """
     snap = room.snapshot()
     prev_live: Mapping[str, str] = previous.get("live", {}) if previous else {}
     prev_rtt: Mapping[str, float] = previous.get("rtt", {}) if previous else {}
     prev_offset: Mapping[str, float] = previous.get("offset", {}) if previous else {}
-    mine = set(local)
     seats = snap["seats"]["seats"]
-    seat_ids = {seat["id"] for seat in seats}
     seat_hashes = {seat["token_hash"] for seat in seats}
     live: dict[str, str] = {}
     rtt: dict[str, float] = {}
     offset: dict[str, float] = {}
-    for pid, p in room.participants.items():
-        if pid not in seat_ids:
+    participants = room.participants
+    for seat in seats:
+        pid = seat["id"]
+        p = participants.get(pid)
+        if p is None:
             continue
-        here = pid in mine
+        here = pid in local
         live[pid] = node if here else prev_live.get(pid, node)
         known = p.rtt_ms if here else prev_rtt.get(pid, p.rtt_ms)
         if known is not None:
@@ -453,17 +474,21 @@ def replica(
     room.playqueue.adopt_rev(queue_rev)
     if carry is not None:
         room.carry_over(carry)
+        # Once per change for every listener connected here (a crowd's are
+        # not in the value): the lookups are taken out of the loop.
+        carried, seated, held_hashes = carry.participants, room.participants, seats.held
+        seat_only_here = seats.seat_only_here
         for pid in local:
-            mine = carry.participants.get(pid)
+            mine = carried.get(pid)
             if mine is None:
                 continue
-            if pid not in room.participants and (
-                mine.token_hash is None or mine.token_hash not in seats.held
+            if pid not in seated and (
+                mine.token_hash is None or mine.token_hash not in held_hashes
             ):
                 if mine.role != LISTENER:  # a role from a change that was not committed
                     mine = dataclasses.replace(mine, role=LISTENER)
-                seats.seat_only_here(mine)
-            elif pid in room.participants:  # what its own reports said last, here
+                seat_only_here(mine)
+            elif pid in seated:  # what its own reports said last, here
                 if mine.rtt_ms is not None:
                     room.note_rtt(pid, mine.rtt_ms)
                 room.note_latency_offset(pid, mine.latency_offset_ms)

@@ -22,11 +22,13 @@ from musicsync.clusterproto import (
     encode_closed,
     encode_commit,
     encode_effects,
+    encode_health,
     encode_value,
     for_other_nodes,
     lease_epoch,
     live_elsewhere,
     live_on,
+    message_head,
     nodes_in,
     order,
     replica,
@@ -284,3 +286,41 @@ def test_device_offsets_are_shared_and_every_replica_leads_by_the_largest() -> N
     mine = replica("main", again, T0 + 6_000, GRACE, carry=room, local=["h", "c", "l"])
     assert mine.participants["l"].latency_offset_ms == 450.0
     assert capture(mine, "A", again, ["h", "c", "l"])["offset"] == {"l": 450.0}
+
+
+class Asked:
+    """A ``local`` for ``capture`` that records which ids it was asked about."""
+
+    def __init__(self, here: set[str]) -> None:
+        self.here = here
+        self.asked: list[object] = []
+
+    def __contains__(self, pid: object) -> bool:
+        self.asked.append(pid)
+        return pid in self.here
+
+
+def test_capture_asks_about_the_snapshots_seats_only_not_a_crowds_listeners() -> None:
+    room = Room("main")
+    room.join("h", "host", T0, "th")
+    for i in range(PARTICIPANT_LIST_MAX + 50):
+        room.join(f"l{i}", f"l{i}", T0, f"t{i}")
+    here = set(room.participants)
+    local = Asked(here)
+    value = capture(room, "A", None, local)
+    assert sorted(map(str, local.asked)) == ["h"]  # the one seat a crowd's snapshot keeps
+    assert value == capture(room, "A", None, here)
+    assert value["live"] == {"h": "A"}
+
+
+def test_message_head_names_the_room_and_a_commits_revision_unparsed() -> None:
+    state = BroadcastState({"version": 8}, 0)
+    assert message_head(encode_commit("main", "A", 8, [state], '{"snap":{}}')) == ("main", 8)
+    assert message_head(encode_commit("main", "A", 9, [], "{}")) == ("main", 9)
+    assert message_head(encode_effects("main", "A", [])) == ("main", None)
+    assert message_head(encode_health("main", "A", {"n": 1})) == ("main", None)
+    # not in the compact form (or a name that needs escapes): parse the whole message
+    assert message_head(encode_closed("main", "A")) is None
+    assert message_head(encode_commit('a"b', "A", 3, [], "{}")) is None
+    assert message_head("not json") is None
+    assert message_head('{"room":"main","node":"A","rev":"7"}') == ("main", None)
