@@ -10,12 +10,12 @@ starved an output: a gap no page can prevent) is taken again, once; if that
 one is starved too and nothing else was wrong, the test cannot judge (xfail).
 
 The ``<audio>`` engine does not meet this yet, and is measured, not held to
-it (``just bench-audible`` reports its change glitch): its pages start the
-next track 10-25 ms apart and 2-25 ms of silence is heard at the change, then
-rate trims bring them within 5 ms in 1-1.5 s. A ``play()`` starts on the
-output's buffer grid (1024 frames, 21 ms at 48 kHz), and timing the call by a
-start latency measured on the spare's silent warm-up did not narrow the spread
-in the runs tried; see docs/sync.md, "Queue changes".
+it (``just bench-audible`` reports its change glitch). Its change is aimed
+early, measured and trimmed away by 250 ms (``fixStart`` in the page): the
+gap is gone in most runs (a 2-11 ms one in 3 of 10), and from 250 ms on the
+pages are within 5 ms in 6 runs of 10 but 8-12 ms apart in others, the error
+of one ``currentTime`` measurement of a fresh start; see
+docs/sync.md, "Queue changes".
 
     pytest tests/browser/test_heard_change.py -s     # prints what was heard
 """
