@@ -46,3 +46,33 @@ def test_firefox_is_never_asked_for_its_output_latency() -> None:
     assert r["method"] != "getOutputTimestamp", r
     assert r["readings"] > 150, r
     assert r["maxErr"] < 60.0, r  # currentTime runs ahead of the output by its latency
+
+
+def test_firefox_fits_the_envelope_of_its_stepped_current_time() -> None:
+    # Firefox's currentTime moves once per audio callback (18.7 ms, every 20th 21.3 ms,
+    # measured under PulseAudio), performance.now() in whole ms. The median of the
+    # readings (the fit before) sits half a step behind the steps and wanders with the
+    # control tick's phase; the envelope (the readings just after a step) is the steps.
+    r = simulate("firefox-steps")
+    assert r["calls"] == {"getOutputTimestamp": 0, "outputLatency": 0}, r
+    assert r["readings"] > 150, r
+    assert r["steady"]["n"] > 40, r
+    assert r["oldMedian"]["p50"] < -8, r  # the scenario steps as Firefox does
+    assert r["steady"]["maxAbs"] < 1.5, r
+
+
+def test_firefox_follows_a_stall_of_its_output() -> None:
+    # an underrun: currentTime stands still for 40 ms, then runs on 40 ms behind the
+    # old line. Three readings in a row lagging more than a step start the fit over.
+    r = simulate("firefox-stall")
+    assert r["afterStall"]["maxAbs200ms"] < 5, r
+    assert r["afterStall"]["n"] > 40, r
+    assert r["afterStall"]["maxAbsFrom1600ms"] < 2.5, r
+
+
+def test_firefox_follows_a_shift_smaller_than_a_step_within_the_window() -> None:
+    # 12 ms behind is within a step's lag: no reading tells it from a late one, and the
+    # envelope holds the old line until its window (1.5 s) has passed
+    r = simulate("firefox-shift")
+    assert r["afterStall"]["maxAbs200ms"] < 13, r
+    assert r["afterStall"]["maxAbsFrom1600ms"] < 1.5, r
