@@ -4,7 +4,9 @@
 and feeds it getOutputTimestamp() readings shaped like the ones seen in the
 browser tests: Chromium's single glitched reading on a busy machine (8 ms off
 for one reading, then back), a real step (an underrun), and Firefox, whose
-latency query can deadlock the page.
+latency query can deadlock the page and whose currentTime moves in
+audio-callback steps (fitted by their upper envelope, ``envelopeFit``), through
+a stall and a shift smaller than a step.
 """
 
 from __future__ import annotations
