@@ -76,7 +76,7 @@ function stepped() {
   const STALL_AT = 4000, stall = { "firefox-stall": 40, "firefox-shift": 12 }[scenario] ?? 0;
   const shiftAt = (perf) => (perf >= STALL_AT ? stall : 0);
   const steps = [];           // [perf seen, context ms]
-  for (let frames = 0, k = 0; frames / 48 < 7000; k++) {
+  for (let frames = 0, k = 0; frames / 48 < 8000; k++) {
     frames += k % 20 === 19 ? 1024 : 896;
     const ctxMs = frames / 48;
     const due = 1000 + ctxMs;
@@ -108,10 +108,12 @@ function stepped() {
   const pct = (v, q) => { const s = [...v].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor(q * s.length))]; };
   const window = (from, to) => errors.filter((e) => e.t >= from && e.t < to).map((e) => e.err);
   const steady = window(2500, STALL_AT);
+  const moves = steady.slice(1).map((e, k) => Math.abs(e - steady[k]));   // how much the fit moves per tick
   const oldSteady = medianOffs.filter((m) => m.t >= 2500 && m.t < STALL_AT).map((m) => m.off - (-1000));
   console.log(JSON.stringify({
     method: clock.method, calls, readings: errors.length,
-    steady: { n: steady.length, p50: pct(steady, 0.5), p5: pct(steady, 0.05), p95: pct(steady, 0.95), maxAbs: Math.max(...steady.map(Math.abs)) },
+    steady: { n: steady.length, p50: pct(steady, 0.5), p5: pct(steady, 0.05), p95: pct(steady, 0.95), maxAbs: Math.max(...steady.map(Math.abs)),
+      movedTotal: moves.reduce((a, b) => a + b, 0), maxMove: Math.max(...moves) },
     // the median of the readings (the fit before): half a step behind, wandering with the tick's phase
     oldMedian: { p50: pct(oldSteady, 0.5), p5: pct(oldSteady, 0.05), p95: pct(oldSteady, 0.95) },
     afterStall: {

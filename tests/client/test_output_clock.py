@@ -61,6 +61,7 @@ def test_firefox_fits_the_envelope_of_its_stepped_current_time() -> None:
     assert r["steady"]["n"] > 40, r
     assert r["oldMedian"]["p50"] < -8, r  # the scenario steps as Firefox does
     assert r["steady"]["maxAbs"] < 1.5, r
+    assert r["steady"]["maxMove"] < 1.5, r  # from one tick to the next: it does not wander
 
 
 def test_firefox_follows_a_stall_of_its_output() -> None:
