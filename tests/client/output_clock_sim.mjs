@@ -2,7 +2,7 @@
 // small helpers and output clock sections) against a fake AudioContext whose
 // getOutputTimestamp() the scenario shapes, and prints one JSON line.
 //
-// usage: node output_clock_sim.mjs INDEX_HTML SCENARIO
+// usage: node output_clock_sim.mjs INDEX_HTML SCENARIO[:SEED]
 //   glitch  one reading in every 20 is 8 ms off (Chromium on a busy machine)
 //   step    the output falls 30 ms behind for good at 2 s (an underrun)
 //   firefox the user agent is Firefox: which latency APIs does the clock call?
@@ -16,7 +16,7 @@ import { readFileSync } from "node:fs";
 
 const SECTION = "// ---------------------------------------------------------------- ";
 const html = readFileSync(process.argv[2], "utf8");
-const scenario = process.argv[3];
+const [scenario, seedArg] = process.argv[3].split(":");   // firefox-* take a seed: firefox-steps:3
 const cut = (from, to) => {
   const a = html.indexOf(`${SECTION}${from}`), b = html.indexOf(`${SECTION}${to}`);
   if (a < 0 || b < a) throw new Error(`sections ${from}..${to} not found in the page`);
@@ -71,7 +71,7 @@ console.log(JSON.stringify({
 // due, (perf - 1000) / 1000 s, less the stall from STALL_AT on; a step is seen on the main thread
 // (currentTime) only a little after that.
 function stepped() {
-  let seed = 12345;
+  let seed = 12345 + 7919 * Number(seedArg ?? 0);
   const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
   const STALL_AT = 4000, stall = { "firefox-stall": 40, "firefox-shift": 12 }[scenario] ?? 0;
   const shiftAt = (perf) => (perf >= STALL_AT ? stall : 0);
