@@ -87,10 +87,23 @@ CLOCK_SAMPLES = 50  # before play: the minimum-RTT filter has had a few seconds
 # Median |position - room timeline| bounds (ms) once converged, per engine, from
 # what was measured on this 2-core machine, often loaded by concurrent browser
 # tests (Firefox ESR 153 into a PulseAudio null sink; the Chromium page in the
-# same room reads 0.1-0.3 ms): Firefox Web Audio 4-8 ms (getOutputTimestamp
-# moves in audio-callback steps), 10-19 ms in windows with underruns; Firefox
-# <audio> 7-17 ms, 25 ms at worst.
+# same room reads 0.1-0.3 ms): WebKit Web Audio within 12 ms; Firefox <audio>
+# 7-17 ms, 25 ms at worst.
 ABS_MEDIAN_BOUND_MS = {"webaudio": 12.0, "element": 30.0}
+# Firefox Web Audio: the issue's 2 ms. Its currentTime moves in audio-callback
+# steps (18.7 ms); fitted by their median the page read 1-8 ms off (the fit
+# wandered with the control tick's phase), by their upper envelope (envelopeFit)
+# FIREFOX_WEBAUDIO_MEASURED (docs/sync.md, "Firefox").
+FIREFOX_WEBAUDIO_BOUND_MS = 2.0
+
+
+def bound_ms(name: str, engine: str) -> float:
+    """The bound on a window's median |position - timeline| for this browser and engine."""
+    if (name, engine) == ("firefox", "webaudio"):
+        return FIREFOX_WEBAUDIO_BOUND_MS
+    return ABS_MEDIAN_BOUND_MS[engine]
+
+
 CONVERGED_READINGS = 5  # consecutive readings within the bound: on the timeline
 CONVERGE_TIMEOUT_S = 30.0
 PLAY_MEASURE_S = 4.0
@@ -617,9 +630,15 @@ def test_plays_on_the_room_timeline_with_seek_and_pause(
         print(f"\n{name} {engine} {phase_name}: " + " ".join(f"{k}={v:.2f}" for k, v in s.items()))
     with open(out / f"{name}-{engine}-timeline.json", "w") as f:
         json.dump(report, f, indent=1)
+    # every reading, for a window that fails (or a median to explain)
+    readings = {
+        p.name: [[round(t, 3), round(e, 2)] for (t, _), e in zip(p.track, p.errors_ms, strict=True)]
+        for p in phases
+    }
+    (out / f"{name}-{engine}-readings.json").write_text(json.dumps(readings))
 
     assert problems == []
-    bound = ABS_MEDIAN_BOUND_MS[engine]
+    bound = bound_ms(name, engine)
     for phase_name, s in report.items():
         assert s["n"] >= MIN_SAMPLES, f"{phase_name}: only {s['n']} valid readings"
         assert s["abs_p50"] < bound, f"{phase_name}: off the timeline by {s['abs_p50']:.1f} ms"
@@ -649,7 +668,7 @@ def play_seek_pause(
     Appends each measured window to ``phases``; returns the page's problems.
     """
     room = new_room("ob")
-    bound = ABS_MEDIAN_BOUND_MS[engine]
+    bound = bound_ms(name, engine)
     problems: list[str] = []
     context = chromium_ref.new_context(viewport={"width": 1100, "height": 900})
     try:
