@@ -100,10 +100,10 @@ ABS_MEDIAN_BOUND_MS = {"webaudio": 12.0, "element": 30.0}
 # page's own server time, engine_abs_p50). Its currentTime moves in audio-callback
 # steps (18.7 ms); fitted by their median the engine read 0.3-2.6 ms off here (the
 # fit wandered with the control tick's phase; 4-8 ms on a busier machine), by their
-# upper envelope (envelopeFit) 0.0-1.8 ms over 8 runs, its audio threads real-time
+# upper envelope (envelopeFit) 0.0-1.8 ms over 10 runs, its audio threads real-time
 # (boost_audio; at normal priority its audio stalled for 40-600 ms every few seconds
 # under load). The whole, against the true clock, also carries Firefox's clock sync
-# error: 0.2-1.3 ms (its performance.now() is whole ms); measured 0.2-2.5 ms.
+# error: 0.2-1.8 ms (its performance.now() is whole ms); measured 0.2-2.5 ms.
 # docs/sync.md, "Firefox".
 FIREFOX_WEBAUDIO_ENGINE_BOUND_MS = 2.0
 FIREFOX_WEBAUDIO_BOUND_MS = 3.0
