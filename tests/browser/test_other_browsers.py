@@ -34,6 +34,12 @@ corrects by rare seeks only (policy "gstreamer", docs/sync.md), with the same
 30 ms bound. Every media call and event of the page is traced into
 ``<name>-<engine>-media-trace.txt`` (MEDIA_TRACE_JS) for such cases.
 
+Firefox Web Audio is held to 2 ms for its engine (position against the timeline
+at the page's own server time) and 3 ms against the true clock (its clock sync
+included); its audio threads and the null sink's daemon run at real-time priority
+(``boost_audio``), as the as-heard tests run theirs: at normal priority its audio
+stalled for 40-600 ms every few seconds on a loaded machine.
+
 A WebKit WebProcess crash (the driver log's "WebProcess CRASHED") is a browser
 failure: the test judges the windows measured before it, then skips as "cannot
 judge" with the log line (WebKitCrashed); anything else fails as usual.
@@ -87,10 +93,29 @@ CLOCK_SAMPLES = 50  # before play: the minimum-RTT filter has had a few seconds
 # Median |position - room timeline| bounds (ms) once converged, per engine, from
 # what was measured on this 2-core machine, often loaded by concurrent browser
 # tests (Firefox ESR 153 into a PulseAudio null sink; the Chromium page in the
-# same room reads 0.1-0.3 ms): Firefox Web Audio 4-8 ms (getOutputTimestamp
-# moves in audio-callback steps), 10-19 ms in windows with underruns; Firefox
-# <audio> 7-17 ms, 25 ms at worst.
+# same room reads 0.1-0.3 ms): WebKit Web Audio within 12 ms; Firefox <audio>
+# 7-17 ms, 25 ms at worst.
 ABS_MEDIAN_BOUND_MS = {"webaudio": 12.0, "element": 30.0}
+# Firefox Web Audio: the issue's 2 ms, for its engine (position - timeline at the
+# page's own server time, engine_abs_p50). Its currentTime moves in audio-callback
+# steps (18.7 ms); fitted by their median the engine read 0.3-2.6 ms off here (the
+# fit wandered with the control tick's phase; 4-8 ms on a busier machine), by their
+# upper envelope (envelopeFit) 0.0-1.8 ms over 10 runs, its audio threads real-time
+# (boost_audio; at normal priority its audio stalled for 40-600 ms every few seconds
+# under load). The whole, against the true clock, also carries Firefox's clock sync
+# error: 0.2-1.8 ms (its performance.now() is whole ms); measured 0.2-2.5 ms.
+# docs/sync.md, "Firefox".
+FIREFOX_WEBAUDIO_ENGINE_BOUND_MS = 2.0
+FIREFOX_WEBAUDIO_BOUND_MS = 3.0
+
+
+def bound_ms(name: str, engine: str) -> float:
+    """The bound on a window's median |position - timeline| for this browser and engine."""
+    if (name, engine) == ("firefox", "webaudio"):
+        return FIREFOX_WEBAUDIO_BOUND_MS
+    return ABS_MEDIAN_BOUND_MS[engine]
+
+
 CONVERGED_READINGS = 5  # consecutive readings within the bound: on the timeline
 CONVERGE_TIMEOUT_S = 30.0
 PLAY_MEASURE_S = 4.0
@@ -426,6 +451,9 @@ def test_a_webkit_crash_is_told_apart_from_a_failure(
 class Phase:
     name: str
     errors_ms: list[float] = field(default_factory=list)  # page - timeline
+    # the page's own server clock - the true clock, at each reading: errors_ms less this
+    # is the engine's own error (position - timeline at the time the page believes it is)
+    clock_errors_ms: list[float] = field(default_factory=list)
     ref_errors_ms: list[float] = field(default_factory=list)  # Chromium - timeline
     cross_ms: list[float] = field(default_factory=list)  # page - Chromium, same instant
     track: list[tuple[float, float]] = field(default_factory=list)  # (true s, position s)
@@ -446,6 +474,10 @@ class Phase:
         lead_b = percentile([p - t for t, p in b], 0.5)
         return 1 + (lead_b - lead_a) / (med(b, 0) - med(a, 0))
 
+    def engine_errors_ms(self) -> list[float]:
+        """page - timeline at the page's own server time: what its engine adds to its clock."""
+        return [e - c for e, c in zip(self.errors_ms, self.clock_errors_ms, strict=True)]
+
     def summary(self) -> dict[str, float]:
         def p50(v: list[float]) -> float:
             return percentile([abs(x) for x in v], 0.5)
@@ -455,6 +487,8 @@ class Phase:
             "abs_p50": p50(self.errors_ms),
             "signed_p50": percentile(self.errors_ms, 0.5),
             "abs_p90": percentile([abs(x) for x in self.errors_ms], 0.9),
+            "engine_abs_p50": p50(self.engine_errors_ms()),
+            "clock_p50": percentile(self.clock_errors_ms, 0.5),
             "ref_abs_p50": p50(self.ref_errors_ms),
             "cross_p50": p50(self.cross_ms),
             "cross_n": len(self.cross_ms),
@@ -476,6 +510,7 @@ def measure(page: Any, ref: Any, seconds: float, phase: Phase) -> Phase:
         s, r = probe(page), probe(ref)
         if s and s.get("valid"):
             phase.errors_ms.append(error_ms(s))
+            phase.clock_errors_ms.append(s["serverAt"] - s["trueAt"])
             phase.track.append((s["trueAt"] / 1000, s["position"]))
             if r and r.get("valid") and r["version"] == s["version"]:
                 phase.ref_errors_ms.append(error_ms(r))
@@ -617,12 +652,27 @@ def test_plays_on_the_room_timeline_with_seek_and_pause(
         print(f"\n{name} {engine} {phase_name}: " + " ".join(f"{k}={v:.2f}" for k, v in s.items()))
     with open(out / f"{name}-{engine}-timeline.json", "w") as f:
         json.dump(report, f, indent=1)
+    # every reading (true s, page - timeline ms, its clock's error ms), for a window that
+    # fails (or a median to explain)
+    readings = {
+        p.name: [
+            [round(t, 3), round(e, 2), round(c, 2)]
+            for (t, _), e, c in zip(p.track, p.errors_ms, p.clock_errors_ms, strict=True)
+        ]
+        for p in phases
+    }
+    (out / f"{name}-{engine}-readings.json").write_text(json.dumps(readings))
 
     assert problems == []
-    bound = ABS_MEDIAN_BOUND_MS[engine]
+    bound = bound_ms(name, engine)
     for phase_name, s in report.items():
         assert s["n"] >= MIN_SAMPLES, f"{phase_name}: only {s['n']} valid readings"
         assert s["abs_p50"] < bound, f"{phase_name}: off the timeline by {s['abs_p50']:.1f} ms"
+        if (name, engine) == ("firefox", "webaudio"):
+            assert s["engine_abs_p50"] < FIREFOX_WEBAUDIO_ENGINE_BOUND_MS, (
+                f"{phase_name}: the engine off its own clock's timeline by "
+                f"{s['engine_abs_p50']:.1f} ms"
+            )
         # Chromium (Web Audio) in the same room, read at the same true time
         if s["cross_n"] >= MIN_SAMPLES // 2:
             assert s["cross_p50"] < bound + ABS_MEDIAN_BOUND_MS["webaudio"], (
@@ -649,7 +699,7 @@ def play_seek_pause(
     Appends each measured window to ``phases``; returns the page's problems.
     """
     room = new_room("ob")
-    bound = ABS_MEDIAN_BOUND_MS[engine]
+    bound = bound_ms(name, engine)
     problems: list[str] = []
     context = chromium_ref.new_context(viewport={"width": 1100, "height": 900})
     try:
@@ -681,6 +731,8 @@ def play_seek_pause(
                 press_play(page, paused=False)
                 since = time.monotonic()
                 wait_valid(page, f"{name} {engine} playing")
+                if name == "firefox":  # its audio threads now run: give them real-time priority
+                    browser.boost_audio()
                 wait_valid(ref, "the Chromium page playing")
                 phases.append(on_timeline(page, ref, bound, Phase("play"), since, PLAY_MEASURE_S))
 

@@ -4,7 +4,9 @@
 and feeds it getOutputTimestamp() readings shaped like the ones seen in the
 browser tests: Chromium's single glitched reading on a busy machine (8 ms off
 for one reading, then back), a real step (an underrun), and Firefox, whose
-latency query can deadlock the page.
+latency query can deadlock the page and whose currentTime moves in
+audio-callback steps (fitted by their upper envelope, ``envelopeFit``), through
+a stall and a shift smaller than a step.
 """
 
 from __future__ import annotations
@@ -46,3 +48,43 @@ def test_firefox_is_never_asked_for_its_output_latency() -> None:
     assert r["method"] != "getOutputTimestamp", r
     assert r["readings"] > 150, r
     assert r["maxErr"] < 60.0, r  # currentTime runs ahead of the output by its latency
+
+
+SEEDS = range(6)  # the Firefox scenarios' tick jitter and late callbacks, drawn six ways
+
+
+def test_firefox_fits_the_envelope_of_its_stepped_current_time() -> None:
+    # Firefox's currentTime moves once per audio callback (18.7 ms, every 20th 21.3 ms,
+    # measured under PulseAudio), performance.now() in whole ms. The median of the
+    # readings (the fit before) sits half a step behind the steps and wanders with the
+    # control tick's phase; the envelope (the readings just after a step) is the steps.
+    for seed in SEEDS:
+        r = simulate(f"firefox-steps:{seed}")
+        assert r["calls"] == {"getOutputTimestamp": 0, "outputLatency": 0}, r
+        assert r["readings"] > 150, r
+        assert r["steady"]["n"] > 40, r
+        assert r["oldMedian"]["p50"] < -6, r  # the scenario steps as Firefox does
+        assert r["steady"]["maxAbs"] < 2.0, r
+        assert r["steady"]["maxMove"] < 1.5, r  # from one tick to the next: it does not wander
+
+
+def test_firefox_follows_a_stall_of_its_output() -> None:
+    # an underrun: currentTime stands still for 40 ms, then runs on 40 ms behind the
+    # old line. Three readings in a row lagging more than a step start the fit over.
+    for seed in SEEDS:
+        r = simulate(f"firefox-stall:{seed}")
+        # from 200 ms on it is on the new line, within a step (the envelope of the few
+        # readings since is still low), and from 1.6 s within the steps' own noise
+        assert r["afterStall"]["maxAbs200ms"] < 18, r
+        assert r["afterStall"]["n"] > 40, r
+        assert r["afterStall"]["maxAbsFrom1600ms"] < 3, r
+
+
+def test_firefox_follows_a_shift_smaller_than_a_step_within_the_window() -> None:
+    # 12 ms behind is within a step's lag: readings cannot tell it from late ones
+    # (unless three in a row lag more than a step), and the envelope holds the old
+    # line at most until its window (1.5 s) has passed
+    for seed in SEEDS:
+        r = simulate(f"firefox-shift:{seed}")
+        assert r["afterStall"]["maxAbs200ms"] < 13, r
+        assert r["afterStall"]["maxAbsFrom1600ms"] < 3, r

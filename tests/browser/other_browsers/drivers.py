@@ -51,6 +51,14 @@ MINIBROWSER_CANDIDATES = (
 XVFB = "/usr/bin/Xvfb"
 PULSEAUDIO = "/usr/bin/pulseaudio"
 REQUEST_TIMEOUT_S = 45.0  # puppeteer's own protocol timeout is 30 s
+# Real-time priorities (when the process may: root), as tests/browser/pulse.py gives
+# the as-heard tests' daemon and Chromium: on a loaded machine, at normal priority,
+# Firefox's audio stalled for 40-600 ms every few seconds (its context's time stood
+# still, then ran on that much behind) and the page, rightly, followed it.
+DAEMON_RT_PRIORITY = 8  # the null sink's daemon: it serves every stream's data requests
+FIREFOX_AUDIO_RT_PRIORITY = 7  # Firefox's AudioIPC threads, which carry its audio callbacks
+# thread names (/proc comm, which Firefox cuts to 15 characters: "AudioIP~allback")
+FIREFOX_AUDIO_THREADS = ("AudioIP", "threaded-ml")
 
 # media.autoplay.default=0: allowed; blocking_policy=0: no user activation needed
 FIREFOX_PREFS: dict[str, Any] = {
@@ -119,13 +127,46 @@ def missing_webkit() -> list[str]:
 # -- a sound card -------------------------------------------------------------
 
 
+def make_realtime(tid: int, priority: int) -> bool:
+    """SCHED_RR for one thread when allowed (best effort: False when not)."""
+    if not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        if os.sched_getscheduler(tid) != os.SCHED_RR:
+            os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(priority))
+    except OSError:
+        return False
+    return True
+
+
+def descendants(root: int) -> list[int]:
+    """The processes under ``root`` (not ``root`` itself), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class NullAudio:
     """A private PulseAudio daemon with one null sink: an output device for the browsers.
 
     Without any output device Firefox never starts an AudioContext (``resume()``
     stays pending): a machine with speakers is the case worth testing. Its
     socket, state and config live in a temporary directory; ``env`` points a
-    browser at it.
+    browser at it. Its main thread runs at real-time priority when allowed (root),
+    as ``tests/browser/pulse.py``'s does.
     """
 
     def __init__(self) -> None:
@@ -169,6 +210,7 @@ class NullAudio:
                 self.stop()
                 raise RuntimeError("pulseaudio did not start")
             time.sleep(0.05)
+        make_realtime(self.proc.pid, DAEMON_RT_PRIORITY)  # its main thread
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -261,6 +303,26 @@ class FirefoxBrowser:
 
     def new_page(self, width: int, height: int) -> FirefoxPage:
         return FirefoxPage(self, self.request("newPage", width=width, height=height))
+
+    def boost_audio(self) -> int:
+        """Real-time priority for this Firefox's audio threads; how many there are.
+
+        They start with its first audio stream: call it once a page plays.
+        """
+        boosted = 0
+        for pid in descendants(self.proc.pid):
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                except OSError:
+                    continue
+                if comm.startswith(FIREFOX_AUDIO_THREADS):
+                    boosted += make_realtime(int(tid), FIREFOX_AUDIO_RT_PRIORITY)
+        return boosted
 
     def close(self) -> None:
         if self.proc.poll() is None:
