@@ -59,6 +59,7 @@ from .clusterproto import (
     addressed_elsewhere,
     capture,
     copy_news,
+    crowd_elsewhere,
     decode_message,
     decode_value,
     encode_closed,
@@ -71,6 +72,7 @@ from .clusterproto import (
     live_on,
     message_head,
     nodes_in,
+    only_here,
     order,
     replica,
     shared_offset,
@@ -193,6 +195,7 @@ class RoomPipe:
         self.poll_queued = False
         self.closed = False
         self.turn = False  # this node has the room's turn (it lost a race and has not committed)
+        self.crowd_published = 0  # listeners only this node holds, as the crowd hash has it
 
     # -- the queue ---------------------------------------------------------------
 
@@ -672,13 +675,20 @@ class RedisBackend:
         if self._resync_needed and self.available is False:
             pass  # the subscriber resyncs once it is subscribed again
         leading: list[RoomPipe] = []
+        serving: list[RoomPipe] = []
         for pipe in list(self.pipes.values()):
-            if pipe.closed or not pipe.entry.clients:
+            if pipe.closed:
                 continue
+            if not pipe.entry.clients:
+                if pipe.crowd_published:  # its last listeners left: take its count back
+                    serving.append(pipe)
+                continue
+            serving.append(pipe)
             await redis.pexpire(keys.room(pipe.name), self.room_ttl_ms)
             if await self.lease(pipe, renew=True):
                 leading.append(pipe)
             self._repair(pipe)
+        await self._count_crowds(serving)
         others = sorted({n for pipe in leading for n in nodes_in(pipe.value)} - {self.node})
         if others:
             alive = await redis.mget([keys.node(n) for n in others])
@@ -689,6 +699,42 @@ class RedisBackend:
                     log.info("room %s: node(s) %s gone; their seats are held", pipe.name, gone)
                     pipe.submit(_Op(_reap(pipe, gone), timed=True))
         self.mark_up()
+
+    async def _count_crowds(self, pipes: list[RoomPipe]) -> None:
+        """A shared crowd's count: publish how many listeners only this node
+        holds in each room (the value leaves a crowd's listeners out), and count
+        those other live nodes hold alone. Once a heartbeat: a crowd's count is
+        at most a couple of seconds behind."""
+        redis, keys = self.redis, self.keys
+        others_by_pipe: list[tuple[RoomPipe, dict[str, Any]]] = []
+        for pipe in pipes:
+            key = keys.crowd(pipe.name)
+            mine = only_here(pipe.value, pipe.entry.clients)
+            if mine != pipe.crowd_published:
+                if mine:
+                    await redis.hset(key, {self.node: str(mine)})
+                else:
+                    await redis.hdel(key, [self.node])
+                pipe.crowd_published = mine
+            if mine:
+                await redis.pexpire(key, self.room_ttl_ms)
+            counts = await redis.hgetall(key)
+            others_by_pipe.append((pipe, {n: c for n, c in counts.items() if n != self.node}))
+        nodes = sorted({n for _, others in others_by_pipe for n in others})
+        alive: set[str] = set()
+        if nodes:
+            marks = await redis.mget([keys.node(n) for n in nodes])
+            alive = {n for n, mark in zip(nodes, marks, strict=True) if mark is not None}
+        now_ms = self.hub.clock.now_ms()
+        for pipe, others in others_by_pipe:
+            dead = [n for n in others if n not in alive]
+            if dead:  # a node killed with its crowd: its count goes with it
+                await redis.hdel(keys.crowd(pipe.name), dead)
+            seats = pipe.entry.room.seats
+            due = seats.presence.due_at
+            seats.set_elsewhere(crowd_elsewhere(others, self.node, alive), now_ms)
+            if seats.presence.due_at != due:
+                pipe.entry.wake()  # the count's news go out with the next presence flush
 
     def _repair(self, pipe: RoomPipe) -> None:
         """Participants the value says are here but are not (a leave Redis
@@ -850,12 +896,21 @@ class RedisBackend:
         if pipe.lease is not None and self._nursery is not None:
             token = pipe.lease
             self._nursery.start_soon(self._release, room_name, token)
+        if pipe.crowd_published and self._nursery is not None:
+            self._nursery.start_soon(self._uncount, room_name)
 
     async def release_turn(self, pipe: RoomPipe) -> None:
         """Give the room's turn back (the change that took it needed no commit after all)."""
         pipe.turn = False
         try:
             await self.release_script(keys=[self.keys.turn(pipe.name)], args=[self.node])
+        except REDIS_DOWN as exc:
+            self.mark_down(exc)
+
+    async def _uncount(self, room_name: str) -> None:
+        """This node holds none of the room's crowd any more."""
+        try:
+            await self.redis.hdel(self.keys.crowd(room_name), [self.node])
         except REDIS_DOWN as exc:
             self.mark_down(exc)
 

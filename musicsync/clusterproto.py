@@ -97,6 +97,10 @@ class Keys:
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
 
+    def crowd(self, name: str) -> str:
+        """A hash: node id -> how many of the room's listeners only that node holds."""
+        return f"{self.prefix}:crowd:{name}"
+
     @property
     def channel(self) -> str:
         return f"{self.prefix}:changes"
@@ -422,7 +426,9 @@ def decode_value(text: str | bytes) -> dict[str, Any]:
 def copy_news(delta: PresenceDelta) -> PresenceDelta:
     """The presence news not yet flushed, as they are now (a change that is
     then not committed must not leave its own news behind)."""
-    return PresenceDelta(dict(delta.joined), list(delta.left), dict(delta.changed), delta.due_at)
+    return PresenceDelta(
+        dict(delta.joined), list(delta.left), dict(delta.changed), delta.recount, delta.due_at
+    )
 
 
 def replica(
@@ -508,6 +514,27 @@ def live_elsewhere(value: Mapping[str, Any] | None, pid: str, node: str) -> bool
         return False
     where = value.get("live", {}).get(pid)
     return where is not None and where != node
+
+
+def only_here(value: Mapping[str, Any] | None, local: Iterable[str]) -> int:
+    """How many of the participants connected here the value leaves out (a
+    crowd's listeners: only this node holds them)."""
+    live: Mapping[str, str] = value.get("live", {}) if value else {}
+    return sum(1 for pid in local if pid not in live)
+
+
+def crowd_elsewhere(counts: Mapping[str, Any], node: str, alive: Container[str]) -> int:
+    """The listeners that other live nodes hold alone, from the room's crowd hash
+    (node id -> count); a dead node's or an unreadable count is none."""
+    total = 0
+    for other, count in counts.items():
+        if other == node or other not in alive:
+            continue
+        try:
+            total += max(0, int(count))
+        except (TypeError, ValueError):
+            continue
+    return total
 
 
 def nodes_in(value: Mapping[str, Any] | None) -> set[str]:

@@ -510,10 +510,12 @@ class Room:
         return room
 
     def carry_over(self, older: Room) -> None:
-        """Keep what only this node's copy ``older`` knew: the change budget and the
-        presence news not yet sent (a shared room's new copy replaces the old)."""
+        """Keep what only this node's copy ``older`` knew: the change budget, the
+        presence news not yet sent and the count of a crowd seated elsewhere (a
+        shared room's new copy replaces the old)."""
         self._changes = older._changes
         self.seats.presence = older.seats.presence
+        self.seats.elsewhere = older.seats.elsewhere
 
     # -- membership --------------------------------------------------------------------
 
@@ -560,7 +562,7 @@ class Room:
             "room": self.state(),
             "room_name": self.name,
             "participants": self.seats.listed(),
-            "participant_count": len(self.seats.participants),
+            "participant_count": self.seats.count(),
             "server_time": now,
             "lead_ms": self.lead_ms(),
             "ticks": self._ticks_now(now),

@@ -86,10 +86,11 @@ class PresenceDelta:
     joined: dict[str, Participant] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     changed: dict[str, str] = field(default_factory=dict)
+    recount: bool = False  # only the count moved (participants on other nodes)
     due_at: float | None = None
 
     def empty(self) -> bool:
-        return not (self.joined or self.left or self.changed)
+        return not (self.joined or self.left or self.changed or self.recount)
 
 
 class Seats:
@@ -102,6 +103,7 @@ class Seats:
         "_reserved",
         "_reserved_leads",
         "_worst_rtt",
+        "elsewhere",
         "participants",
         "presence",
         "resume_grace_ms",
@@ -115,6 +117,9 @@ class Seats:
         self.revision = 0
         self.seq = 0  # the last seat's seniority
         self.presence = PresenceDelta()
+        # A shared room's crowd (clusterproto): listeners seated on other nodes
+        # that this copy does not hold. They count; they are not listed.
+        self.elsewhere = 0
         # Held seats by token hash, in the order they fall due (a leave adds one
         # at now + grace, so insertion order is deadline order).
         self._reserved: dict[str, Reservation] = {}
@@ -163,6 +168,18 @@ class Seats:
 
     def crowded(self) -> bool:
         return len(self.participants) > PARTICIPANT_LIST_MAX
+
+    def count(self) -> int:
+        """Everyone in the room: those seated here and a shared crowd's elsewhere."""
+        return len(self.participants) + self.elsewhere
+
+    def set_elsewhere(self, count: int, now: float) -> None:
+        """Other nodes hold ``count`` listeners this copy does not: news of the count."""
+        if count == self.elsewhere:
+            return
+        self.elsewhere = count
+        self.presence.recount = True
+        self._schedule_presence(now)
 
     def listed(self) -> list[dict[str, Any]]:
         """Everyone in a small room; in a crowd, hosts and co-hosts and the
@@ -301,7 +318,7 @@ class Seats:
             "changed": [
                 {"id": pid, "role": role} for pid, role in delta.changed.items() if pid not in left
             ],
-            "count": len(self.participants),
+            "count": self.count(),
         }
 
     # -- a shared room's copy on one node (clusterproto.replica) -----------------------

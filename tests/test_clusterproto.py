@@ -15,6 +15,7 @@ from musicsync.clusterproto import (
     Keys,
     capture,
     copy_news,
+    crowd_elsewhere,
     decode_message,
     decode_value,
     effects_from_wire,
@@ -30,6 +31,7 @@ from musicsync.clusterproto import (
     live_on,
     message_head,
     nodes_in,
+    only_here,
     order,
     replica,
     shared_offset,
@@ -229,6 +231,24 @@ def test_a_replica_keeps_this_nodes_crowd_listeners() -> None:
     assert copy.participants["l3"].rtt_ms == 40.0
     bare = replica("main", value, T0, GRACE)
     assert set(bare.participants) == {"h"}
+
+
+def test_a_shared_crowd_is_counted_once_across_nodes() -> None:
+    room = Room("main", resume_grace_ms=GRACE)
+    room.join("h", "Host", T0, token="th")
+    for i in range(PARTICIPANT_LIST_MAX + 5):
+        room.join(f"l{i}", f"L{i}", T0, token=f"t{i}")
+    value = capture(room, "A", None, room.participants)
+    # the value names the leads only: every listener here is this node's alone
+    assert only_here(value, room.participants) == PARTICIPANT_LIST_MAX + 5
+    assert only_here(None, ["x"]) == 1
+    # node B's count, and C's (dead: its key expired), as the crowd hash holds them
+    counts = {"A": "105", "B": "40", "C": "7", "D": "junk"}
+    assert crowd_elsewhere(counts, "A", {"A", "B", "D"}) == 40
+    room.seats.set_elsewhere(40, T0)
+    copy = replica("main", value, T0, GRACE, carry=room, local=list(room.participants))
+    assert copy.seats.count() == 1 + PARTICIPANT_LIST_MAX + 5 + 40  # kept across a rebuild
+    assert copy_news(room.seats.presence).recount
 
 
 def test_a_value_that_cannot_be_read_is_refused() -> None:

@@ -98,6 +98,27 @@ def test_presence_is_coalesced_and_a_join_then_leave_is_a_leave() -> None:
     }
 
 
+def test_a_shared_crowd_elsewhere_counts_and_its_news_is_a_count() -> None:
+    s = seated("a", "b")
+    s.flush_presence(T0 + PRESENCE_COALESCE_MS)
+    s.set_elsewhere(0, T0)  # no change: no news
+    assert s.next_deadline() is None
+    s.set_elsewhere(250, T0 + 10)  # other nodes hold 250 listeners this copy does not
+    assert s.count() == 252
+    assert s.flush_presence(T0 + 10) is None  # coalesced like any presence news
+    assert s.flush_presence(T0 + 10 + PRESENCE_COALESCE_MS) == {
+        "joined": [],
+        "left": [],
+        "changed": [],
+        "count": 252,
+    }
+    s.set_elsewhere(250, T0 + 100)
+    assert s.next_deadline() is None  # the same count again: nothing to say
+    s.join("c", "C", T0 + 200, None)
+    delta = s.flush_presence(T0 + 200 + PRESENCE_COALESCE_MS)
+    assert delta is not None and delta["count"] == 253
+
+
 def test_the_worst_round_trip_follows_joins_leaves_and_reports() -> None:
     s = seated("a", "b")
     s.note_rtt("a", 100.0)
