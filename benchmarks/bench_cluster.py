@@ -150,6 +150,14 @@ def host_with_track(load: bf.Load) -> int:
     return int(track["host_version"])
 
 
+def stop_all(loads: list[bf.Load], servers: list[bf.Server]) -> None:
+    """End a set-up: its load clients first, then its servers."""
+    for load in loads:
+        load.close()
+    for server in servers:
+        server.stop()
+
+
 def measure(args: argparse.Namespace, workdir: Path, redis_url: str, n: int) -> dict[str, Any]:
     row: dict[str, Any] = {"n_per_node": n}
     servers: list[bf.Server] = []
@@ -164,10 +172,7 @@ def measure(args: argparse.Namespace, workdir: Path, redis_url: str, n: int) -> 
         row["single_seated"] = seat([load], n, args.batch, args.seat_budget)
         row["single"] = fan_out([load], [load], args.changes, args.interval, [v0])[0]
     finally:
-        for load in loads:
-            load.close()
-        for server in servers:
-            server.stop()
+        stop_all(loads, servers)
     servers, loads = [], []
     try:  # the fair baseline: two lone nodes side by side, each with its room and host
         pair = [bf.Server("musicsync", args.source, workdir, f"pair-{x}-{n}") for x in "ab"]
@@ -179,10 +184,7 @@ def measure(args: argparse.Namespace, workdir: Path, redis_url: str, n: int) -> 
         row["pair_seated"] = seat(loads, n, args.batch, args.seat_budget)
         row["pair_a"], row["pair_b"] = fan_out(loads, loads, args.changes, args.interval, v0s)
     finally:
-        for load in loads:
-            load.close()
-        for server in servers:
-            server.stop()
+        stop_all(loads, servers)
     servers, loads = [], []
     try:  # two nodes through Redis, the host on A
         a = Node(args.source, workdir, f"node-a-{n}", redis_url)
@@ -203,10 +205,7 @@ def measure(args: argparse.Namespace, workdir: Path, redis_url: str, n: int) -> 
         row["refused_changes"] = sum(s.log_count("refused after") for s in servers)
         row["redis_unavailable"] = sum(s.log_count("Redis unavailable") for s in servers)
     finally:
-        for load in loads:
-            load.close()
-        for server in servers:
-            server.stop()
+        stop_all(loads, servers)
     # The fair baseline: the mean of the pair's two p50s (N listeners a node, as A and B).
     fair = (row["pair_a"]["p50_ms"] + row["pair_b"]["p50_ms"]) / 2
     row["side_by_side_p50_ms"] = bf.rnd(fair)

@@ -218,11 +218,17 @@ def test_capture_keeps_where_others_are_connected() -> None:
     assert sorted(live_on(after, "A")) == ["h", "l"]
 
 
-def test_a_replica_keeps_this_nodes_crowd_listeners() -> None:
+def crowd_room() -> Room:
+    """A host and 105 listeners: a crowd (its value names the leads only)."""
     room = Room("main", resume_grace_ms=GRACE)
     room.join("h", "Host", T0, token="th")
     for i in range(PARTICIPANT_LIST_MAX + 5):
         room.join(f"l{i}", f"L{i}", T0, token=f"t{i}")
+    return room
+
+
+def test_a_replica_keeps_this_nodes_crowd_listeners() -> None:
+    room = crowd_room()
     value = capture(room, "A", None, room.participants)
     assert set(value["live"]) == {"h"}  # a crowd's value names the leads only
     room.note_rtt("l3", 40.0)
@@ -234,10 +240,7 @@ def test_a_replica_keeps_this_nodes_crowd_listeners() -> None:
 
 
 def test_a_shared_crowd_is_counted_once_across_nodes() -> None:
-    room = Room("main", resume_grace_ms=GRACE)
-    room.join("h", "Host", T0, token="th")
-    for i in range(PARTICIPANT_LIST_MAX + 5):
-        room.join(f"l{i}", f"L{i}", T0, token=f"t{i}")
+    room = crowd_room()
     value = capture(room, "A", None, room.participants)
     # the value names the leads only: every listener here is this node's alone
     assert only_here(value, room.participants) == PARTICIPANT_LIST_MAX + 5
@@ -257,10 +260,7 @@ def test_a_value_that_cannot_be_read_is_refused() -> None:
 
 
 def test_a_change_not_committed_leaves_no_news_and_no_role_behind() -> None:
-    room = Room("main", resume_grace_ms=GRACE)
-    room.join("h", "Host", T0, token="th")
-    for i in range(PARTICIPANT_LIST_MAX + 5):
-        room.join(f"l{i}", f"L{i}", T0, token=f"t{i}")
+    room = crowd_room()
     room.poll(T0 + 10_000)  # the news so far are out
     value = capture(room, "A", None, room.participants)
     local = list(room.participants)

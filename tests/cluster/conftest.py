@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from urllib.parse import urlencode
 
 import pytest
 import trio
+from trio_websocket import WebSocketConnection
 
 from tests.conftest import Peer, open_ws
 
@@ -204,6 +206,26 @@ async def connect(
         peer = Peer(conn)
         peer.welcome = await peer.expect("welcome")
         yield peer
+
+
+@asynccontextmanager
+async def admitted(
+    gate: trio.Semaphore, node: Node, name: str
+) -> AsyncIterator[tuple[WebSocketConnection, dict[str, Any]]]:
+    """``name`` connected to ``node`` (room main) with at most the gate's count of
+    connections unanswered: the slot is given back once the node's first frame
+    (a welcome or a refusal) is in; the connection stays open."""
+    await gate.acquire()
+    held = True
+    try:
+        async with open_ws(node.ws_url("main", name)) as conn:
+            first = json.loads(await conn.get_message())
+            gate.release()
+            held = False
+            yield conn, first
+    finally:
+        if held:
+            gate.release()
 
 
 class Bell:

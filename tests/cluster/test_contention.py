@@ -8,8 +8,7 @@ import json
 
 import trio
 
-from tests.cluster.conftest import Bell, Cluster, Node, connect
-from tests.conftest import open_ws
+from tests.cluster.conftest import Bell, Cluster, Node, admitted, connect
 
 TRACK = "https://example.com/a.mp3"
 # Per node; the room is not yet a crowd (over 100) for the first hundred, so
@@ -34,29 +33,20 @@ async def test_listeners_joining_two_nodes_at_once_are_all_seated_and_hear_every
     news = Bell()
 
     async def listener(node: Node, name: str, gate: trio.Semaphore) -> None:
-        await gate.acquire()
-        held = True
-        try:
-            async with open_ws(node.ws_url("main", name)) as conn:
-                first = json.loads(await conn.get_message())
-                gate.release()  # answered: the next one may connect; this one stays
-                held = False
-                if first["type"] != "welcome":
-                    outcomes[name] = str(first.get("code", first["type"]))
-                    news.ring()
-                    return
-                outcomes[name] = "welcome"
-                versions[name] = int(first["room"]["version"])
+        async with admitted(gate, node, name) as (conn, first):
+            if first["type"] != "welcome":
+                outcomes[name] = str(first.get("code", first["type"]))
                 news.ring()
-                while not done.is_set():
-                    with trio.move_on_after(0.2):
-                        msg = json.loads(await conn.get_message())
-                        if msg["type"] == "state":
-                            versions[name] = max(versions[name], int(msg["room"]["version"]))
-                            news.ring()
-        finally:
-            if held:
-                gate.release()
+                return
+            outcomes[name] = "welcome"
+            versions[name] = int(first["room"]["version"])
+            news.ring()
+            while not done.is_set():
+                with trio.move_on_after(0.2):
+                    msg = json.loads(await conn.get_message())
+                    if msg["type"] == "state":
+                        versions[name] = max(versions[name], int(msg["room"]["version"]))
+                        news.ring()
 
     async with connect(a, name="host") as host:
         await host.send("set_track", url=TRACK, title="A", duration=600, autoplay=True)

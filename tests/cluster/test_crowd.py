@@ -14,8 +14,7 @@ from typing import Any
 
 import trio
 
-from tests.cluster.conftest import Bell, Cluster, Node, connect
-from tests.conftest import open_ws
+from tests.cluster.conftest import Bell, Cluster, Node, admitted, connect
 
 LISTENERS_PER_NODE = 110  # over PARTICIPANT_LIST_MAX on each node: a crowd
 IN_FLIGHT = 40
@@ -34,26 +33,17 @@ async def test_a_crowd_on_two_nodes_has_one_count(cluster: Cluster) -> None:
     news = Bell()
 
     async def listener(node: Node, name: str, gate: trio.Semaphore) -> None:
-        await gate.acquire()
-        held = True
-        try:
-            async with open_ws(node.ws_url("main", name)) as conn:
-                first = json.loads(await conn.get_message())
-                gate.release()  # answered: the next one may connect; this one stays
-                held = False
-                assert first["type"] == "welcome", first
-                seated.add(name)
-                news.ring()
-                next_ping = trio.current_time()
-                while not done.is_set():
-                    if trio.current_time() >= next_ping:
-                        await conn.send_message(json.dumps({"type": "ping", "t0": 0}))
-                        next_ping = trio.current_time() + PING_EVERY
-                    with trio.move_on_after(0.2):
-                        await conn.get_message()
-        finally:
-            if held:
-                gate.release()
+        async with admitted(gate, node, name) as (conn, first):
+            assert first["type"] == "welcome", first
+            seated.add(name)
+            news.ring()
+            next_ping = trio.current_time()
+            while not done.is_set():
+                if trio.current_time() >= next_ping:
+                    await conn.send_message(json.dumps({"type": "ping", "t0": 0}))
+                    next_ping = trio.current_time() + PING_EVERY
+                with trio.move_on_after(0.2):
+                    await conn.get_message()
 
     async def count_seen_on(node: Node) -> int:
         async with connect(node, name="probe") as probe:
