@@ -58,8 +58,8 @@ from .clusterproto import (
     Message,
     addressed_elsewhere,
     capture,
+    connected_elsewhere,
     copy_news,
-    crowd_elsewhere,
     decode_message,
     decode_value,
     encode_closed,
@@ -72,10 +72,10 @@ from .clusterproto import (
     live_on,
     message_head,
     nodes_in,
-    only_here,
     order,
     replica,
     shared_offset,
+    unseen_elsewhere,
 )
 from .config import Settings, redis_url_for_humans
 from .hub import CLOSE_REPLACED, CLOSE_ROOM_CLOSED, Client, Hub, RoomEntry
@@ -195,7 +195,8 @@ class RoomPipe:
         self.poll_queued = False
         self.closed = False
         self.turn = False  # this node has the room's turn (it lost a race and has not committed)
-        self.crowd_published = 0  # listeners only this node holds, as the crowd hash has it
+        self.published_connected = 0  # this node's connected count, as the room's hash has it
+        self.connected_there = 0  # what the other live nodes serve, as the hash had it
 
     # -- the queue ---------------------------------------------------------------
 
@@ -306,6 +307,19 @@ class RoomPipe:
             local=entry.clients,
             news=news,
         )
+        self.recount()
+
+    def recount(self) -> None:
+        """The room's participants on other nodes that this copy does not seat,
+        from what those nodes serve (as the last heartbeat read it) less those
+        this copy seats: again whenever either changes."""
+        entry = self.entry
+        seats = entry.room.seats
+        due = seats.presence.due_at
+        unseen = unseen_elsewhere(self.connected_there, seats.participants, entry.clients)
+        seats.set_elsewhere(unseen, self.backend.hub.clock.now_ms())
+        if seats.presence.due_at != due:
+            entry.wake()  # the count's news go out with the next presence flush
 
     # -- committing ------------------------------------------------------------------
 
@@ -680,7 +694,7 @@ class RedisBackend:
             if pipe.closed:
                 continue
             if not pipe.entry.clients:
-                if pipe.crowd_published:  # its last listeners left: take its count back
+                if pipe.published_connected:  # its last client left: take its count back
                     serving.append(pipe)
                 continue
             serving.append(pipe)
@@ -701,21 +715,22 @@ class RedisBackend:
         self.mark_up()
 
     async def _count_crowds(self, pipes: list[RoomPipe]) -> None:
-        """A shared crowd's count: publish how many listeners only this node
-        holds in each room (the value leaves a crowd's listeners out), and count
-        those other live nodes hold alone. Once a heartbeat: a crowd's count is
-        at most a couple of seconds behind."""
+        """A shared crowd's count. A crowd's listeners are in no value, so each
+        node writes how many participants it serves into the room's hash (on a
+        heartbeat, when that changed) and counts as seated elsewhere what the
+        other live nodes serve beyond those its copy seats. At most a couple of
+        seconds behind a join or leave on another node."""
         redis, keys = self.redis, self.keys
         others_by_pipe: list[tuple[RoomPipe, dict[str, Any]]] = []
         for pipe in pipes:
-            key = keys.crowd(pipe.name)
-            mine = only_here(pipe.value, pipe.entry.clients)
-            if mine != pipe.crowd_published:
+            key = keys.connected(pipe.name)
+            mine = len(pipe.entry.clients)
+            if mine != pipe.published_connected:
                 if mine:
                     await redis.hset(key, {self.node: str(mine)})
                 else:
                     await redis.hdel(key, [self.node])
-                pipe.crowd_published = mine
+                pipe.published_connected = mine
             if mine:
                 await redis.pexpire(key, self.room_ttl_ms)
             counts = await redis.hgetall(key)
@@ -725,16 +740,12 @@ class RedisBackend:
         if nodes:
             marks = await redis.mget([keys.node(n) for n in nodes])
             alive = {n for n, mark in zip(nodes, marks, strict=True) if mark is not None}
-        now_ms = self.hub.clock.now_ms()
         for pipe, others in others_by_pipe:
             dead = [n for n in others if n not in alive]
-            if dead:  # a node killed with its crowd: its count goes with it
-                await redis.hdel(keys.crowd(pipe.name), dead)
-            seats = pipe.entry.room.seats
-            due = seats.presence.due_at
-            seats.set_elsewhere(crowd_elsewhere(others, self.node, alive), now_ms)
-            if seats.presence.due_at != due:
-                pipe.entry.wake()  # the count's news go out with the next presence flush
+            if dead:  # a node killed with its clients: its count goes with it
+                await redis.hdel(keys.connected(pipe.name), dead)
+            pipe.connected_there = connected_elsewhere(others, self.node, alive)
+            pipe.recount()
 
     def _repair(self, pipe: RoomPipe) -> None:
         """Participants the value says are here but are not (a leave Redis
@@ -896,7 +907,7 @@ class RedisBackend:
         if pipe.lease is not None and self._nursery is not None:
             token = pipe.lease
             self._nursery.start_soon(self._release, room_name, token)
-        if pipe.crowd_published and self._nursery is not None:
+        if pipe.published_connected and self._nursery is not None:
             self._nursery.start_soon(self._uncount, room_name)
 
     async def release_turn(self, pipe: RoomPipe) -> None:
@@ -908,9 +919,9 @@ class RedisBackend:
             self.mark_down(exc)
 
     async def _uncount(self, room_name: str) -> None:
-        """This node holds none of the room's crowd any more."""
+        """This node serves none of the room's participants any more."""
         try:
-            await self.redis.hdel(self.keys.crowd(room_name), [self.node])
+            await self.redis.hdel(self.keys.connected(room_name), [self.node])
         except REDIS_DOWN as exc:
             self.mark_down(exc)
 

@@ -18,13 +18,13 @@ import dataclasses
 import json
 import random
 import re
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .effects import Disconnect
 from .room import LISTENER, BroadcastPresence, BroadcastState, Effect, Error, Reply, Room
-from .seats import PresenceDelta
+from .seats import PARTICIPANT_LIST_MAX, PresenceDelta
 
 # -- durations and limits (milliseconds where Redis takes them) -------------------
 
@@ -97,9 +97,9 @@ class Keys:
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
 
-    def crowd(self, name: str) -> str:
-        """A hash: node id -> how many of the room's listeners only that node holds."""
-        return f"{self.prefix}:crowd:{name}"
+    def connected(self, name: str) -> str:
+        """A hash: node id -> how many of the room's participants that node serves."""
+        return f"{self.prefix}:connected:{name}"
 
     @property
     def channel(self) -> str:
@@ -516,16 +516,10 @@ def live_elsewhere(value: Mapping[str, Any] | None, pid: str, node: str) -> bool
     return where is not None and where != node
 
 
-def only_here(value: Mapping[str, Any] | None, local: Iterable[str]) -> int:
-    """How many of the participants connected here the value leaves out (a
-    crowd's listeners: only this node holds them)."""
-    live: Mapping[str, str] = value.get("live", {}) if value else {}
-    return sum(1 for pid in local if pid not in live)
-
-
-def crowd_elsewhere(counts: Mapping[str, Any], node: str, alive: Container[str]) -> int:
-    """The listeners that other live nodes hold alone, from the room's crowd hash
-    (node id -> count); a dead node's or an unreadable count is none."""
+def connected_elsewhere(counts: Mapping[str, Any], node: str, alive: Container[str]) -> int:
+    """How many participants the other live nodes serve, from the room's
+    ``connected`` hash (node id -> its connected count); a dead node's or an
+    unreadable count is none."""
     total = 0
     for other, count in counts.items():
         if other == node or other not in alive:
@@ -535,6 +529,21 @@ def crowd_elsewhere(counts: Mapping[str, Any], node: str, alive: Container[str])
         except (TypeError, ValueError):
             continue
     return total
+
+
+def unseen_elsewhere(
+    connected_there: int, participants: Iterable[str], local: Collection[str]
+) -> int:
+    """Participants on other nodes that this copy does not seat (a crowd's
+    listeners are in no value): what the other nodes serve, less those of
+    theirs this copy seats. Connected counts do not depend on what a value
+    names, so a commit that changes it moves nothing here. A room that is no
+    crowd anywhere has every participant in its value: none (its count stays
+    exact, not a heartbeat behind)."""
+    if len(local) + connected_there <= PARTICIPANT_LIST_MAX:
+        return 0
+    seated_there = sum(1 for pid in participants if pid not in local)
+    return max(0, connected_there - seated_there)
 
 
 def nodes_in(value: Mapping[str, Any] | None) -> set[str]:

@@ -14,8 +14,8 @@ from musicsync.clusterproto import (
     BadValue,
     Keys,
     capture,
+    connected_elsewhere,
     copy_news,
-    crowd_elsewhere,
     decode_message,
     decode_value,
     effects_from_wire,
@@ -31,10 +31,10 @@ from musicsync.clusterproto import (
     live_on,
     message_head,
     nodes_in,
-    only_here,
     order,
     replica,
     shared_offset,
+    unseen_elsewhere,
 )
 from musicsync.config import ConfigError, parse_redis_url, redis_url_for_humans, resolve_settings
 from musicsync.effects import Disconnect
@@ -240,17 +240,22 @@ def test_a_replica_keeps_this_nodes_crowd_listeners() -> None:
 
 
 def test_a_shared_crowd_is_counted_once_across_nodes() -> None:
-    room = crowd_room()
+    room = crowd_room()  # 105 listeners connected here; the value names the host only
     value = capture(room, "A", None, room.participants)
-    # the value names the leads only: every listener here is this node's alone
-    assert only_here(value, room.participants) == PARTICIPANT_LIST_MAX + 5
-    assert only_here(None, ["x"]) == 1
-    # node B's count, and C's (dead: its key expired), as the crowd hash holds them
-    counts = {"A": "105", "B": "40", "C": "7", "D": "junk"}
-    assert crowd_elsewhere(counts, "A", {"A", "B", "D"}) == 40
+    assert set(value["live"]) == {"h"}
+    # the connected hash: B serves 41 (its 40 listeners and, say, a co-host this
+    # copy seats), C is dead (its key expired), D's count cannot be read
+    counts = {"A": "106", "B": "41", "C": "7", "D": "junk"}
+    there = connected_elsewhere(counts, "A", {"A", "B", "D"})
+    assert there == 41
+    room.join("co", "Co", T0, token="tco")  # B's co-host: in the value, so seated here
+    local = [pid for pid in room.participants if pid != "co"]
+    assert unseen_elsewhere(there, room.participants, local) == 40
+    # a room that is no crowd anywhere has everyone in its value: nothing unseen
+    assert unseen_elsewhere(41, ["h", "x"], ["h"]) == 0
     room.seats.set_elsewhere(40, T0)
     copy = replica("main", value, T0, GRACE, carry=room, local=list(room.participants))
-    assert copy.seats.count() == 1 + PARTICIPANT_LIST_MAX + 5 + 40  # kept across a rebuild
+    assert copy.seats.elsewhere == 40  # kept across a rebuild
     assert copy_news(room.seats.presence).recount
 
 
