@@ -373,7 +373,8 @@ def test_a_page_that_joins_in_tick_mode_ticks_too(pages: Pages) -> None:
     late.screenshot(path=str(screenshot_dir() / "features-ticks-listener-phone.png"))
     toggle.click()
     wait_for(lambda: late.locator("#calib-note").is_hidden(), 5, what="tick mode off")
-    assert toggle.get_attribute("aria-pressed") == "false"
+    # the host's page hears of it too (its own click is not the switch: the room's answer is)
+    wait_for(lambda: toggle.get_attribute("aria-pressed") == "false", 5, what="host's toggle off")
     wait_for(lambda: mute.inner_text() == "Mute", 5, what="the music back")
     assert mute.is_enabled()
     assert late.evaluate("localStorage.getItem('musicsync.muted')") in (None, "false")
