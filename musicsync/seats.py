@@ -229,6 +229,7 @@ class Seats:
             p.role = LISTENER  # someone claimed it meanwhile
         self._seat(p)
         self._note_joined(p, now)
+        self._elect(now)  # back in a room whose host left for good: someone hosts
         return p
 
     def leave(self, pid: str, now: float, *, hold: bool = True) -> Participant:

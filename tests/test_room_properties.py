@@ -209,6 +209,8 @@ class RoomMachine(RuleBasedStateMachine):
         token = data.draw(st.sampled_from(sorted(self.held)))
         pid, name, role, left_at = self.held.pop(token)
         host_taken = self.room.host_id is not None
+        # nobody hosts and nobody's host seat is held: whoever comes back hosts
+        hostless = not host_taken and not self.room.host_reserved
         effects = self.room.resume(token, self.now)
         # expired (if polled since) or still held (if not): either way not twice
         if self.now >= left_at + RESUME_GRACE_MS and effects is None:
@@ -218,6 +220,8 @@ class RoomMachine(RuleBasedStateMachine):
         (welcome,) = effects
         assert isinstance(welcome, Reply)
         expected = LISTENER if role == HOST and host_taken else role
+        if hostless:
+            expected = HOST
         assert welcome.payload["you"] == {"id": pid, "name": name, "role": expected, "token": token}
         assert self.room.participants[pid].role == expected
         self.tokens[pid] = token

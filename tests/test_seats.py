@@ -154,3 +154,16 @@ def test_round_trips_through_a_plain_dict_every_seat_held() -> None:
     assert p.seq == 5 and p.role == LISTENER  # seniority goes on; the host's seat is held
     with pytest.raises(ValueError):
         Seats.from_dict({"seats": [{**d["seats"][0], "role": "admin"}]}, T0)
+
+
+def test_a_listener_resuming_into_a_room_its_host_left_for_good_hosts_it() -> None:
+    """Found by the property test: ann hosts without a token, dee holds a seat;
+    ann leaves (no seat to hold), then dee resumes: the room had no host."""
+    s = Seats()
+    s.join("ann", "Ann", T0, None)
+    s.join("dee", "Dee", T0, hash_token("tok"))
+    s.leave("dee", T0 + 1)
+    s.leave("ann", T0 + 2)
+    assert s.host_id is None and not s.participants
+    p = s.resume(hash_token("tok"), T0 + 3)
+    assert p is not None and p.role == HOST and s.host_id == "dee"
