@@ -200,7 +200,7 @@ def content_security_policy(page: bytes) -> str:
             "img-src 'self' data:",
             "connect-src 'self'",
             # tracks may be any http(s) URL the host picks; the element plays them
-            "media-src 'self' http: https:",
+            "media-src 'self' data: http: https:",
             "manifest-src 'self'",
             "base-uri 'none'",
             "form-action 'self'",

@@ -116,19 +116,29 @@ TRACE_SCRIPT = """
       return ts;
     });
   }
+  // <audio> events name their element (1, 2, ... in order of first use) and, for
+  // play and pause, the page function that called (the page keeps a spare element)
   const media = HTMLMediaElement.prototype;
+  const ids = new WeakMap();
+  let lastId = 0;
+  const idOf = (el) => { if (!ids.has(el)) ids.set(el, ++lastId); return ids.get(el); };
+  const caller = () => {
+    const line = (new Error().stack || "").split("\\n")[3] || "";
+    const m = line.match(/at (?:async )?([\\w.$<>]+) /);
+    return m ? m[1] : "?";
+  };
   wrap(media, "play", (orig) => function () {
-    push(["el-play", now(), this.currentTime]);
+    push(["el-play", now(), this.currentTime, idOf(this), caller()]);
     return orig.apply(this, arguments);
   });
   wrap(media, "pause", (orig) => function () {
-    push(["el-pause", now(), this.currentTime]);
+    push(["el-pause", now(), this.currentTime, idOf(this), caller()]);
     return orig.apply(this, arguments);
   });
   for (const [prop, tag] of [["currentTime", "el-seek"], ["playbackRate", "el-rate"]]) {
     const d = Object.getOwnPropertyDescriptor(media, prop);
     if (!d || !d.set) continue;
-    const set = function (v) { push([tag, now(), v]); d.set.call(this, v); };
+    const set = function (v) { push([tag, now(), v, idOf(this)]); d.set.call(this, v); };
     Object.defineProperty(media, prop, { ...d, set });
   }
 })();

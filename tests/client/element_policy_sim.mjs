@@ -11,7 +11,8 @@
 //   webkitgtk  the user agent is WebKitGTK's MiniBrowser
 //   busy       WebKitGTK on a busy machine: each flush stands still 0-150 ms (seeded), as traced under load
 //   chromium   the user agent is Chromium (the default policy, rate trims) on the same element
-//   policies   no run: the policy the page picks for a list of user agents
+//   policies   no run: the policy the page picks for a list of user agents, and whether
+//              their media elements share one output (Chromium: the engine primes it)
 import { readFileSync } from "node:fs";
 
 const SECTION = "// ---------------------------------------------------------------- ";
@@ -109,7 +110,10 @@ function load(ua) {
 
 if (scenario === "policies") {
   const out = {};
-  for (const [name, ua] of Object.entries(UAS)) out[name] = load(ua).elementPolicy({ userAgent: ua }).name;
+  for (const [name, ua] of Object.entries(UAS)) {
+    const policy = load(ua).elementPolicy({ userAgent: ua });
+    out[name] = [policy.name, policy.sharedOutput];
+  }
   console.log(JSON.stringify(out));
   process.exit(0);
 }

@@ -26,15 +26,17 @@ def simulate(scenario: str) -> dict[str, Any]:
 
 
 def test_only_webkit_on_linux_gets_the_seek_only_policy() -> None:
+    # [policy, media elements share one output that the engine opens early]
     assert simulate("policies") == {
-        "webkitgtk": "gstreamer",
-        "wpe": "gstreamer",
-        "safariMac": "default",
-        "safariIos": "default",
-        "chromium": "default",
-        "chromiumHeadless": "default",  # "HeadlessChrome/": no word boundary before "Chrome"
-        "chromeAndroid": "default",
-        "firefox": "default",
+        "webkitgtk": ["gstreamer", False],
+        "wpe": ["gstreamer", False],
+        "safariMac": ["default", False],
+        "safariIos": ["default", False],
+        "chromium": ["default", True],
+        # "HeadlessChrome/": no word boundary before "Chrome"
+        "chromiumHeadless": ["default", True],
+        "chromeAndroid": ["default", True],
+        "firefox": ["default", False],
     }
 
 
