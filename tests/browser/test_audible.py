@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from . import audible, pulse
-from .conftest import DelayProxy, ServerProcess, probe, serving, wait_for
+from .conftest import DelayProxy, ServerProcess, percentile, probe, serving, wait_for
 from .sync_scenario import room_url, wait_clocks
 
 pytestmark = [
@@ -101,9 +101,9 @@ def _hints(phase: audible.PhaseResult) -> str:
         h - r if h is not None and r is not None else None
         for h, r in zip(s["heard_late_p50"], s["reported_late_p50"], strict=True)
     ]
-    known = sorted(g for g in gaps if g is not None)
+    known = [g for g in gaps if g is not None]
     if known:
-        mid = known[len(known) // 2]
+        mid = percentile(known, 0.5)
         for ch, g in enumerate(gaps):
             if g is not None and abs(g - mid) > HEARD_VS_REPORTED_HINT_MS:
                 out.append(
