@@ -11,8 +11,9 @@
 //   webkitgtk  the user agent is WebKitGTK's MiniBrowser
 //   busy       WebKitGTK on a busy machine: each flush stands still 0-150 ms (seeded), as traced under load
 //   chromium   the user agent is Chromium (the default policy, rate trims) on the same element
-//   policies   no run: the policy the page picks for a list of user agents, and whether
-//              their media elements share one output (Chromium: the engine primes it)
+//   policies   no run: the policy the page picks for a list of user agents, whether
+//              their media elements share one output (Chromium: the engine primes it), and
+//              whether the engine plays them through the page's AudioContext (desktop Chromium)
 import { readFileSync } from "node:fs";
 
 const SECTION = "// ---------------------------------------------------------------- ";
@@ -112,7 +113,7 @@ if (scenario === "policies") {
   const out = {};
   for (const [name, ua] of Object.entries(UAS)) {
     const policy = load(ua).elementPolicy({ userAgent: ua });
-    out[name] = [policy.name, policy.sharedOutput];
+    out[name] = [policy.name, policy.sharedOutput, policy.routed];
   }
   console.log(JSON.stringify(out));
   process.exit(0);
@@ -128,6 +129,7 @@ const doc = { createElement: () => createFakeAudio(), defaultView: { navigator: 
 const deps = {
   clock: { ready: () => true, toServer: (p) => p, toLocal: (s) => s },
   timeline, settings: { latencyOffsetMs: 0, localVolume: 1, muted: false }, doc, room: () => ({ volume: 1 }),
+  getAudio: () => null,   // no AudioContext here: the elements keep their own output
 };
 const engine = createElementEngine(deps);
 engine.start();
