@@ -24,15 +24,14 @@ CLOCK_SAMPLES = 8
 ADVANCE_S = 0.6
 
 
+def _track_url(p: dict[str, Any]) -> str:
+    return str(((p.get("room") or {}).get("track") or {}).get("url") or "")
+
+
 def _playing(page: Any, url_end: str) -> dict[str, Any]:
     """The page's probe once it plays the track whose URL ends so."""
     got: dict[str, Any] = wait_for(
-        lambda: (
-            (p := probe(page))
-            and p.get("valid")
-            and (p.get("room") or {}).get("track", {}).get("url", "").endswith(url_end)
-            and p
-        ),
+        lambda: (p := probe(page)) and p.get("valid") and _track_url(p).endswith(url_end) and p,
         15,
         what=f"playing {url_end}",
         detail=lambda: probe(page),
@@ -67,9 +66,7 @@ def test_same_origin_tracks_play_through_the_context_and_cross_origin_ones_do_no
     host.fill("#track-url", cross)
     host.click("#set-track")
     got = wait_for(
-        lambda: (
-            (p := probe(page)) and (p.get("room") or {}).get("track", {}).get("url") == cross and p
-        ),
+        lambda: (p := probe(page)) and _track_url(p) == cross and p,
         10,
         what="the cross-origin track set",
     )
