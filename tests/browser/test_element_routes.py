@@ -28,10 +28,19 @@ def _track_url(p: dict[str, Any]) -> str:
     return str(((p.get("room") or {}).get("track") or {}).get("url") or "")
 
 
+def _src(p: dict[str, Any]) -> str:
+    return str(p.get("src") or "")
+
+
 def _playing(page: Any, url_end: str) -> dict[str, Any]:
-    """The page's probe once it plays the track whose URL ends so."""
+    """The page's probe once its heard element plays the track whose URL ends so.
+
+    The room's state names a new track as soon as it is set, but the old one is
+    heard until the change's ``start_at``: the probe's ``src`` is the heard
+    element's own track.
+    """
     got: dict[str, Any] = wait_for(
-        lambda: (p := probe(page)) and p.get("valid") and _track_url(p).endswith(url_end) and p,
+        lambda: (p := probe(page)) and p.get("valid") and _src(p).endswith(url_end) and p,
         15,
         what=f"playing {url_end}",
         detail=lambda: probe(page),
