@@ -56,9 +56,14 @@ JOIN_SETTLE_S = 5.0  # the play right after the join: the clocks are still conve
 
 
 def page_engines(engine: str, n: int) -> list[str]:
-    """Each page's engine: all the same, or for "mixed" every other page on ``<audio>``."""
+    """Each page's engine: all the same, or for "mixed" every other page on Web Audio.
+
+    (The rest on ``<audio>``: with three pages, two ``<audio>`` pages and a Web
+    Audio one between them, so the spread holds both how the ``<audio>`` pages
+    agree and where the engine is heard against Web Audio.)
+    """
     if engine == "mixed":
-        return ["element" if i % 2 else "webaudio" for i in range(n)]
+        return ["webaudio" if i % 2 else "element" for i in range(n)]
     return [engine] * n
 
 
