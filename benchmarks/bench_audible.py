@@ -44,7 +44,7 @@ from tests.browser import audible, heard_change, heard_join, pulse  # noqa: E402
 from tests.browser.conftest import DelayProxy, start_server  # noqa: E402
 
 SETTLE_S = {"webaudio": 1.0, "element": 4.0, "mixed": 4.0}
-GOALS_P95_MS = {"webaudio": 5.0, "element": 30.0, "mixed": 30.0}
+GOALS_P95_MS = {"webaudio": 5.0, "element": 5.0, "mixed": 5.0}
 GOAL_JOIN_TO_SYNC_S = 1.5  # the median Web Audio join, within 2 ms of the room
 # "in sync" after a join, as heard: the <audio> engine's own target is coarser
 JOIN_BOUND_MS = {"webaudio": heard_join.SYNC_BOUND_MS, "element": 5.0}
