@@ -139,7 +139,10 @@ def run_change(
     engine: str,
     wait_s: float = 30.0,
 ) -> ChangeResult:
-    """Three browsers play A to its end; B follows; what they played around the change."""
+    """Three browsers play A to its end; B follows; what they played around the change.
+
+    ``engine`` is each page's, or "mixed" (``audible.page_engines``).
+    """
     n = server.channels
     room = f"c{uuid.uuid4().hex[:10]}"
     a_url, b_url = f"/media/{TRACK_A}", f"/media/{TRACK_B}"
@@ -150,8 +153,9 @@ def run_change(
         try:
             browsers = [launch_listener(playwright, server, ch) for ch in range(n)]
             with boosted(server), server.record() as rec:
+                engines = audible.page_engines(engine, n)
                 pages = [
-                    open_traced_page(b, room_url(proxy, room, engine, f"ear{i}"), SKEWS_MS[i])
+                    open_traced_page(b, room_url(proxy, room, engines[i], f"ear{i}"), SKEWS_MS[i])
                     for i, b in enumerate(browsers)
                 ]
                 wait_clocks(pages, timeout=wait_s)
