@@ -13,7 +13,7 @@ if (start < 0 || end < start) throw new Error("clock sync sections not found in 
 const { createClockSync } = new Function(`${html.slice(start, end)}\nreturn { createClockSync };`)();
 
 const cfg = {
-  seeds: 100, seconds: 90, from: 8, lo: 20, hi: 80, ppm: 0, spikeP: 0.05, spike: 30,
+  seeds: 100, seconds: 90, from: 8, lo: 20, hi: 80, ppm: 0, spikeP: 0.05, spike: 30, certain: 2,
   ...JSON.parse(process.argv[3] || "{}"),
 };
 
@@ -25,7 +25,10 @@ function rng(seed) {
 // the page's schedule: a burst of 43 at 35 ms, warm-up at 66 ms to 96 samples, then every 2-3 s
 const gapAfter = (n, r) => (n < 43 ? 35 : n < 96 ? 66 : 2000 + r() * 1000);
 
-const worst = [], finalSkewPpm = [];
+// bandViolations: pongs after which the offset was further off than half the clock's band() (a hard
+// bound while no rate is assumed); certainAt: per seed, the pongs in when band() <= cfg.certain
+const worst = [], finalSkewPpm = [], certainAt = [];
+let bandViolations = 0, bandChecks = 0;
 for (let seed = 1; seed <= cfg.seeds; seed++) {
   const r = rng(seed);
   const clock = createClockSync();
@@ -38,6 +41,12 @@ for (let seed = 1; seed <= cfg.seeds; seed++) {
     const t1 = t + up + offset;
     clock.add(local(t), t1, t1 + 0.1, local(t + up + 0.1 + down));
     n += 1;
+    if (clock.ready() && clock.info().skew === 0) {
+      const back = t + up + 0.1 + down;
+      bandChecks += 1;
+      if (Math.abs(clock.toServer(local(back)) - (back + offset)) > clock.band() / 2 + 1e-6) bandViolations += 1;
+    }
+    if (certainAt.length < seed && clock.ready() && clock.band() <= cfg.certain) certainAt.push(n);
     const gap = gapAfter(n, r);
     for (let u = t; u < t + gap; u += 100) {
       if (u < cfg.from * 1000 || !clock.ready()) continue;
@@ -45,9 +54,11 @@ for (let seed = 1; seed <= cfg.seeds; seed++) {
     }
     t += gap;
   }
+  if (certainAt.length < seed) certainAt.push(null);
   worst.push(w);
   finalSkewPpm.push(clock.info().skew * 1e6);
 }
 worst.sort((a, b) => a - b);
 const q = (p) => worst[Math.min(worst.length - 1, Math.floor(p * worst.length))];
-console.log(JSON.stringify({ cfg, worst_p50: q(0.5), worst_p90: q(0.9), worst_max: worst[worst.length - 1], final_skew_ppm: finalSkewPpm }));
+console.log(JSON.stringify({ cfg, worst_p50: q(0.5), worst_p90: q(0.9), worst_max: worst[worst.length - 1], final_skew_ppm: finalSkewPpm,
+  band_checks: bandChecks, band_violations: bandViolations, certain_at: certainAt }));

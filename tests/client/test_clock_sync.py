@@ -50,3 +50,22 @@ def test_long_session_on_a_jittery_link_does_not_run_away() -> None:
     late = simulate(seeds=40, seconds=600, lo=20, hi=80, ppm=100, **{"from": 300})
     assert all(-150 < s < -50 for s in r["final_skew_ppm"]), r["final_skew_ppm"]
     assert late["worst_p50"] < 8.0, late
+
+
+def test_the_band_bounds_the_offset_error() -> None:
+    # delays are never negative, so the offset is within half the least one-way
+    # delays' sum of the truth: after every pong, on a jittery link and a LAN
+    for lo, hi in ((20.0, 80.0), (0.05, 0.5)):
+        r = simulate(seeds=60, seconds=30, lo=lo, hi=hi)
+        assert r["band_checks"] > 1000, r["band_checks"]
+        assert r["band_violations"] == 0, (lo, hi, r["band_violations"])
+
+
+def test_a_fast_link_is_certain_within_the_first_pongs() -> None:
+    # a wired LAN (0.05-0.3 ms each way, no spikes): the band is under 2 ms by the
+    # 8th pong (the clock's ready), so a Web Audio join need not wait for 24;
+    # through 20-80 ms it never is, and the join waits
+    fast = simulate(seeds=60, seconds=5, lo=0.05, hi=0.3, spikeP=0)
+    assert all(n is not None and n <= 8 for n in fast["certain_at"]), fast["certain_at"]
+    slow = simulate(seeds=60, seconds=5, lo=20, hi=80)
+    assert all(n is None for n in slow["certain_at"]), slow["certain_at"]
