@@ -64,6 +64,11 @@ class ChangeResult:
             "missing": self.missing,
             "heard_late_ms": [_r(x) for x in self.heard_late_ms],
             "underruns": len(self.underruns),
+            # each page's own account from GLITCH_S on: its position against the true timeline
+            # (its clock's error and its own), and its own drift (the engine's error as it sees it);
+            # heard late far from -said_off_ms: the page's output clock was off, not its clock
+            "said_off_ms": [_said(ch, 1) for ch in self.said],
+            "said_drift_ms": [_said(ch, 3) for ch in self.said],
         }
 
     def table(self) -> str:
@@ -78,12 +83,20 @@ class ChangeResult:
             f" from {GLITCH_S * 1000:.0f} ms on p50 {s['after_p50_ms']} max {s['after_max_ms']}"
             f" ms ({s['clicks']} clicks); gaps {s['gaps']} (longest {s['longest_gap_ms']} ms"
             f"{': ' + gaps if gaps else ''}); missing {s['missing']}; heard late vs B's"
-            f" timeline {s['heard_late_ms']} ms; underruns {s['underruns']}"
+            f" timeline {s['heard_late_ms']} ms; underruns {s['underruns']}; the pages said: off"
+            f" the timeline {s['said_off_ms']} ms, own drift {s['said_drift_ms']} ms"
         )
 
 
 def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None or math.isnan(x) else round(x, digits)
+
+
+def _said(readings: list[tuple[float, float, float, float]], field_index: int) -> float | None:
+    """The median of one field of a page's probe readings from GLITCH_S after the change on."""
+    values = [r[field_index] for r in readings if r[0] > GLITCH_S]
+    values = [v for v in values if not math.isnan(v)]
+    return _r(percentile(values, 0.5), 2) if values else None
 
 
 def write_tracks(media: Any) -> None:
